@@ -1,0 +1,37 @@
+"""bond_jax: Best-of-N Distillation (BOND, J-BOND) in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="bond_jax",
+    version="0.1.0",
+    description="BOND (Best-of-N Distillation) and J-BOND for JAX/Flax: pure losses, estimators and a trainer.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["bond_jax", "bond_jax.*"]),
+    package_data={"bond_jax": ["assets/*", "assets/**/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.10",
+        "chex>=0.1.87",
+        "ml-collections>=0.1.1",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "transformers>=4.45",
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.5",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # torch is only needed to check our converter against the PyTorch reference models.
+        # 2.13 is the CPU wheel our CI installs; newer releases default to multi-GB CUDA builds.
+        "hf": ["torch>=2.4,<2.14"],
+    },
+)
