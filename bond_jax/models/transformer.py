@@ -1,0 +1,279 @@
+"""A decoder-only transformer (Llama / Qwen2 / Gemma / Gemma 2) with a static-shape KV cache.
+
+The flax.linen modules are internal; the public functions take the parameter pytree explicitly:
+
+  params = init_params(config, jax.random.key(0))
+  logits, _ = forward(params, config, tokens, positions_from_mask(mask), mask)
+
+Cached decoding writes `T` new tokens of every row at the cache's shared write slot `index` (one
+`dynamic_update_slice`, static shapes); each row's validity lives in `Cache.mask`, so rows with different
+prompt lengths share one slot counter while their rotary positions (given by the caller) differ.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import chex
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from bond_jax.models.config import ModelConfig
+
+Params = Any
+
+
+class Cache(NamedTuple):
+  """Keys/values of every layer at `max_len` slots; a pytree, so it flows through jit and while_loop.
+
+  Attributes:
+    k: per layer `[batch, max_len, num_kv_heads, head_dim]` rotated keys, in the compute dtype.
+    v: per layer `[batch, max_len, num_kv_heads, head_dim]` values.
+    mask: `[batch, max_len]` bool, True where a slot holds a real (attendable) token.
+    index: int32 scalar, the next slot to write (shared by all rows).
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  mask: jax.Array
+  index: jax.Array
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the HF "rotate_half" convention (frequency i pairs dims i and i + head_dim/2).
+
+  Args:
+    x: `[batch, time, heads, head_dim]`.
+    positions: `[batch, time]` int.
+    theta: the rotary base.
+
+  Returns:
+    `[batch, time, heads, head_dim]`, rotated, in `x.dtype`.
+
+  Example:
+    >>> q = apply_rope(q, positions, 10_000.0)
+  """
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = positions[..., None].astype(jnp.float32) * inv_freq
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  first, second = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+  """Rotary positions that count only real tokens: `[batch, time]` bool -> `[batch, time]` int32.
+
+  Pads get the position of the previous real token (0 before the first), which is harmless: they are never
+  attended to.
+
+  Example:
+    >>> positions_from_mask(jnp.array([[False, True, True]]))   # [[0, 0, 1]]
+  """
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm in float32; Gemma stores `w` and scales by `1 + w`."""
+
+  eps: float
+  plus_one: bool
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale = self.param("scale", init, (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (normed * (1.0 + scale if self.plus_one else scale)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with rotary embeddings, optional qkv bias and logit soft-capping."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, key_mask, layer_cache, cache_index):
+    cfg = self.config
+    dense = lambda features, axis, bias, name: nn.DenseGeneral(  # noqa: E731
+        features, axis=axis, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        name=name)
+    q = dense((cfg.num_heads, cfg.head_dim), -1, cfg.qkv_bias, "q")(x)
+    k = dense((cfg.num_kv_heads, cfg.head_dim), -1, cfg.qkv_bias, "k")(x)
+    v = dense((cfg.num_kv_heads, cfg.head_dim), -1, cfg.qkv_bias, "v")(x)
+    q = apply_rope(q, positions, cfg.rope_theta)
+    k = apply_rope(k, positions, cfg.rope_theta)
+
+    batch, time = x.shape[:2]
+    query_slots = jnp.arange(time)
+    if layer_cache is not None:
+      cache_k, cache_v = layer_cache
+      k = lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
+      v = lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
+      query_slots = query_slots + cache_index
+      layer_cache = (k, v)
+    key_slots = jnp.arange(k.shape[1])
+    allowed = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
+
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(batch, time, cfg.num_kv_heads, groups, cfg.head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = _softcap(logits * cfg.attention_scale, cfg.attn_logit_softcap)
+    # A finite floor (not -inf) keeps fully masked rows (pad queries before any real token) NaN-free.
+    logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, time, cfg.num_heads, cfg.head_dim)
+    return dense(cfg.d_model, (-2, -1), False, "o")(out), layer_cache
+
+
+class MLP(nn.Module):
+  """Gated MLP: SwiGLU (silu) or GeGLU (tanh-approximate gelu)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dense = lambda features, name: nn.Dense(  # noqa: E731
+        features, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name)
+    gate = dense(cfg.mlp_dim, "gate")(x)
+    act = jax.nn.silu(gate) if cfg.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return dense(cfg.d_model, "down")(act * dense(cfg.mlp_dim, "up")(x))
+
+
+class Block(nn.Module):
+  """Pre-norm residual block; Gemma 2 adds norms on the attention and MLP outputs."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, key_mask, layer_cache, cache_index):
+    cfg = self.config
+    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.norm_plus_one, cfg.compute_dtype,  # noqa: E731
+                                cfg.weight_dtype, name=name)
+    h, layer_cache = Attention(cfg, name="attn")(norm("pre_attn_norm")(x), positions, key_mask,
+                                                 layer_cache, cache_index)
+    if cfg.post_norms:
+      h = norm("post_attn_norm")(h)
+    x = x + h
+    h = MLP(cfg, name="mlp")(norm("pre_mlp_norm")(x))
+    if cfg.post_norms:
+      h = norm("post_mlp_norm")(h)
+    return x + h, layer_cache
+
+
+class Transformer(nn.Module):
+  """Embedding, `num_layers` blocks, final norm and an LM (tied or not) or score head."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions, attention_mask, cache, output_start):
+    cfg = self.config
+    embedder = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                        param_dtype=cfg.weight_dtype, name="embedder")
+    x = embedder(tokens)
+    if cfg.embed_scale:
+      x = x * jnp.asarray(math.sqrt(cfg.d_model), cfg.compute_dtype)
+
+    if cache is None:
+      key_mask, cache_index = attention_mask, None
+    else:
+      key_mask = lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
+      cache_index = cache.index
+    new_k, new_v = [], []
+    for i in range(cfg.num_layers):
+      layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+      x, layer_cache = Block(cfg, name=f"layer_{i}")(x, positions, key_mask, layer_cache, cache_index)
+      if cache is not None:
+        new_k.append(layer_cache[0])
+        new_v.append(layer_cache[1])
+
+    # The head (vocab-sized for "lm") runs only where outputs are wanted, e.g. the last prompt token.
+    x = x[:, output_start:]
+    x = RMSNorm(cfg.norm_eps, cfg.norm_plus_one, cfg.compute_dtype, cfg.weight_dtype, name="final_norm")(x)
+    if cfg.head == "score":
+      out = nn.Dense(cfg.num_labels, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                     name="score")(x).astype(jnp.float32)
+    else:
+      if cfg.tie_embeddings:
+        out = embedder.attend(x)
+      else:
+        out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                       name="lm_head")(x)
+      out = _softcap(out.astype(jnp.float32), cfg.final_logit_softcap)
+    if cache is None:
+      return out, None
+    return out, Cache(tuple(new_k), tuple(new_v), key_mask, cache.index + tokens.shape[1])
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+  """Random parameters, the `params` collection (`embedder/embedding`, `layer_{i}/attn/q/kernel`, ...).
+
+  Example:
+    >>> params = init_params(tiny(), jax.random.key(0))
+  """
+  dummy = jnp.zeros((1, 1), jnp.int32)
+  variables = Transformer(config).init(rng, dummy, dummy, jnp.ones((1, 1), bool), None, 0)
+  return variables["params"]
+
+
+def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array,
+            attention_mask: jax.Array, cache: Cache | None = None,
+            output_start: int = 0) -> tuple[jax.Array, Cache | None]:
+  """Runs the transformer, optionally appending to a KV cache.
+
+  Query `t` attends to key `s` iff `s` holds a real token and `s <= t` in slot order (so causal in the layout
+  of `tokens`, with pads anywhere); rotary angles come from `positions`, which should count real tokens only
+  (`positions_from_mask`). With a cache, the `time` new tokens are written at slots
+  `[cache.index, cache.index + time)`, which must fit in the cache (writes past the end are clamped by XLA).
+
+  Args:
+    params: from `init_params`.
+    config: the model config (static under jit).
+    tokens: `[batch, time]` int32.
+    positions: `[batch, time]` int32 rotary positions.
+    attention_mask: `[batch, time]` bool, True = real token.
+    cache: optional, from `init_cache(config, batch, max_len)` or a previous call.
+    output_start: static int; outputs are computed for time steps `[output_start, time)` only (the head
+      is the costliest layer of a large-vocabulary model at prefill).
+
+  Returns:
+    `(outputs, cache)`: float32 `[batch, time - output_start, vocab]` logits (head "lm") or
+    `[batch, time - output_start, num_labels]` scores (head "score"), and the updated cache (None when none
+    was given).
+
+  Example:
+    >>> logits, _ = forward(params, cfg, tokens, positions_from_mask(mask), mask)
+  """
+  chex.assert_rank([tokens, positions, attention_mask], 2)
+  chex.assert_equal_shape([tokens, positions, attention_mask])
+  if not 0 <= output_start < tokens.shape[1]:
+    raise ValueError(f"output_start={output_start} must lie in [0, time={tokens.shape[1]}).")
+  return Transformer(config).apply({"params": params}, tokens, positions, attention_mask.astype(bool), cache,
+                                   output_start)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
+  """An empty KV cache of `max_len` slots per row, in the compute dtype.
+
+  Example:
+    >>> cache = init_cache(cfg, batch=4, max_len=128)
+  """
+  if batch < 1 or max_len < 1:
+    raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}.")
+  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
+  return Cache(zeros, zeros, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))

@@ -1,0 +1,261 @@
+"""Batched autoregressive sampling with a KV cache, and the differentiable log-probs of its generations.
+
+`sample` pre-fills the cache once per prompt, copies it `num_samples` times, then decodes one token of every
+sequence per step in a `lax.while_loop` that stops when all sequences have emitted EOS. Prompts may be left-
+or right-padded (any mix): they are packed to the left internally, so generation always starts right after a
+row's last real token.
+
+Randomness: `rng` is one key for the whole batch, split into one key per prompt row, or already per-row keys
+`[batch]` (typed) / `[batch, 2]` (raw). Row `b`'s key alone decides its samples (sample `s` of row `b` uses
+`split(row_key, num_samples)[s]`, folded with the step), so a prompt sampled alone with its row key gives the
+same tokens as inside the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import chex
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from bond_jax.models.config import ModelConfig
+from bond_jax.models.transformer import Cache, Params, forward, init_cache, positions_from_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to sample; frozen, so it is a valid jit static argument.
+
+  Attributes:
+    max_new_tokens: generated tokens per sequence (the `time` of the outputs).
+    num_samples: samples per prompt, sharing the prompt's prefill.
+    temperature: logits are divided by it (> 0).
+    top_k: keep the k most likely tokens (0 = off); ties at the k-th logit are all kept.
+    top_p: keep the smallest most-likely set whose probability reaches top_p (1.0 = off), after top-k.
+    greedy: take the argmax of the raw logits (temperature, top-k and top-p are then ignored).
+    eos_token_id: stop a sequence after this token (None = never stop early).
+    pad_token_id: fills the positions after EOS.
+
+  Example:
+    >>> SamplingConfig(max_new_tokens=64, num_samples=4, temperature=0.7, eos_token_id=1)
+  """
+
+  max_new_tokens: int
+  num_samples: int = 1
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  eos_token_id: int | None = None
+  pad_token_id: int = 0
+
+  def __post_init__(self):
+    for name in ("max_new_tokens", "num_samples"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"SamplingConfig.{name} must be a positive int, got {value!r}.")
+    if not self.temperature > 0:
+      raise ValueError(f"SamplingConfig.temperature must be > 0 (use greedy=True for argmax), "
+                       f"got {self.temperature!r}.")
+    if not isinstance(self.top_k, int) or self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k must be an int >= 0 (0 = off), got {self.top_k!r}.")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"SamplingConfig.top_p must lie in (0, 1] (1 = off), got {self.top_p!r}.")
+
+
+class SampleOutput(NamedTuple):
+  """Generations of `sample`.
+
+  Attributes:
+    tokens: `[batch, samples, time]` int32, pad after EOS.
+    log_probs: `[batch, samples, time]` float32, log-prob of each token under the sampling distribution
+      (after temperature / top-k / top-p; 0 for greedy, whose distribution is a point mass; 0 where masked).
+    mask: `[batch, samples, time]` bool, True for generated tokens up to and including EOS.
+  """
+
+  tokens: jax.Array
+  log_probs: jax.Array
+  mask: jax.Array
+
+
+def left_align(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Moves each row's real tokens to the right end, in order, pads first: `[batch, len]` -> same shapes.
+
+  Example:
+    >>> left_align(jnp.array([[5, 6, 0]]), jnp.array([[True, True, False]]))   # ([[0, 5, 6]], [[F, T, T]])
+  """
+  order = jnp.argsort(mask.astype(jnp.int32), axis=-1, stable=True)
+  return jnp.take_along_axis(tokens, order, axis=-1), jnp.take_along_axis(mask, order, axis=-1)
+
+
+def sampling_log_probs(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+  """Log-probs of the sampling distribution (temperature, then top-k, then top-p): `[n, vocab]` -> same.
+
+  Example:
+    >>> sampling_log_probs(logits, SamplingConfig(max_new_tokens=1, top_k=40))
+  """
+  logits = logits.astype(jnp.float32) / config.temperature
+  if config.top_k:
+    kth = lax.top_k(logits, config.top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if config.top_p < 1:
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    # A token is kept when the mass strictly before it is below top_p; the top token always is.
+    keep = jnp.cumsum(probs, axis=-1) - probs < config.top_p
+    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+def _row_keys(rng: jax.Array, batch: int) -> jax.Array:
+  typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  if rng.ndim == (1 if typed else 2):
+    chex.assert_axis_dimension(rng, 0, batch)
+    return rng
+  return jax.random.split(rng, batch)
+
+
+class _DecodeState(NamedTuple):
+  step: jax.Array  # int32, the next column to choose
+  tokens: jax.Array  # [n, time]
+  log_probs: jax.Array  # [n, time]
+  mask: jax.Array  # [n, time]
+  done: jax.Array  # [n] bool, EOS already emitted
+  logits: jax.Array  # [n, vocab], next-token logits
+  positions: jax.Array  # [n], rotary position of the next token
+  cache: Cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "model_config"))
+def sample(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
+           config: SamplingConfig, model_config: ModelConfig) -> SampleOutput:
+  """Samples `num_samples` continuations of every prompt with a KV cache.
+
+  Every prompt row needs at least one real token (e.g. BOS).
+
+  Args:
+    params: the policy's parameters (`init_params` tree, head "lm").
+    prompts: `[batch, prompt_len]` int32, left- or right-padded.
+    prompt_mask: `[batch, prompt_len]` bool, True = real token.
+    rng: one PRNG key, or per-row keys `[batch]` (see the module docstring).
+    config: the sampling config (static).
+    model_config: the model config (static).
+
+  Returns:
+    `SampleOutput` with `[batch, num_samples, max_new_tokens]` tokens, log-probs and mask.
+
+  Example:
+    >>> out = sample(params, prompts, prompt_mask, jax.random.key(0),
+    ...              SamplingConfig(max_new_tokens=32, num_samples=2, eos_token_id=1), model_config)
+  """
+  chex.assert_rank([prompts, prompt_mask], 2)
+  chex.assert_equal_shape([prompts, prompt_mask])
+  if model_config.head != "lm":
+    raise ValueError(f"sample needs model_config.head='lm', got {model_config.head!r}.")
+  if config.top_k > model_config.vocab_size:
+    raise ValueError(f"SamplingConfig.top_k={config.top_k} exceeds vocab_size={model_config.vocab_size}.")
+  batch, prompt_len = prompts.shape
+  samples, time = config.num_samples, config.max_new_tokens
+  if prompt_len + time > model_config.max_seq_len:
+    raise ValueError(f"prompt_len={prompt_len} + max_new_tokens={time} exceeds model_config.max_seq_len="
+                     f"{model_config.max_seq_len}.")
+  n = batch * samples
+
+  prompts, prompt_mask = left_align(prompts, prompt_mask.astype(bool))
+  # Slots: the prompt, then every generated token but the last (which is never fed back).
+  cache = init_cache(model_config, batch, prompt_len + time - 1)
+  logits, cache = forward(params, model_config, prompts, positions_from_mask(prompt_mask), prompt_mask, cache,
+                          output_start=prompt_len - 1)
+  repeat = lambda x: jnp.repeat(x, samples, axis=0)  # noqa: E731  (row b -> rows b*samples .. +samples-1)
+  cache = cache._replace(k=jax.tree.map(repeat, cache.k), v=jax.tree.map(repeat, cache.v),
+                         mask=repeat(cache.mask))
+  row_keys = _row_keys(rng, batch)
+  keys = jax.vmap(lambda key: jax.random.split(key, samples))(row_keys)
+  keys = keys.reshape((n,) + keys.shape[2:])
+
+  def choose(state: _DecodeState) -> _DecodeState:
+    if config.greedy:
+      token = jnp.argmax(state.logits, axis=-1).astype(jnp.int32)
+      log_prob = jnp.zeros((n,), jnp.float32)
+    else:
+      step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, state.step)
+      log_probs = sampling_log_probs(state.logits, config)
+      token = jax.vmap(jax.random.categorical)(step_keys, log_probs).astype(jnp.int32)
+      log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+    live = ~state.done
+    token = jnp.where(live, token, config.pad_token_id)
+    done = state.done
+    if config.eos_token_id is not None:
+      done = done | (token == config.eos_token_id)
+    return state._replace(
+        step=state.step + 1, done=done,
+        tokens=state.tokens.at[:, state.step].set(token),
+        log_probs=state.log_probs.at[:, state.step].set(jnp.where(live, log_prob, 0.0)),
+        mask=state.mask.at[:, state.step].set(live))
+
+  def advance(state: _DecodeState) -> _DecodeState:
+    token = state.tokens[:, state.step - 1]
+    logits, cache = forward(params, model_config, token[:, None], state.positions[:, None],
+                            jnp.ones((n, 1), bool), state.cache)
+    return state._replace(logits=logits[:, 0], positions=state.positions + 1, cache=cache)
+
+  state = _DecodeState(
+      step=jnp.zeros((), jnp.int32),
+      tokens=jnp.full((n, time), config.pad_token_id, jnp.int32),
+      log_probs=jnp.zeros((n, time), jnp.float32),
+      mask=jnp.zeros((n, time), bool),
+      done=jnp.zeros((n,), bool),
+      logits=repeat(logits[:, 0]),
+      positions=repeat(prompt_mask.sum(axis=-1).astype(jnp.int32)),
+      cache=cache)
+  state = lax.while_loop(lambda s: (s.step < time) & ~jnp.all(s.done), lambda s: choose(advance(s)),
+                         choose(state))
+  unflatten = lambda x: x.reshape(batch, samples, time)  # noqa: E731
+  return SampleOutput(unflatten(state.tokens), unflatten(state.log_probs), unflatten(state.mask))
+
+
+@functools.partial(jax.jit, static_argnames=("model_config",))
+def generation_log_probs(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
+                         tokens: jax.Array, mask: jax.Array) -> jax.Array:
+  """Per-token log-probs (temperature 1) of generations under `params`: one full forward, differentiable.
+
+  Each sample's prompt + generation is one sequence (the prompt packed left as in `sample`); the vocab-sized
+  head runs only over the generation's predicting positions.
+
+  Args:
+    params: the policy's parameters.
+    model_config: the model config (static).
+    prompts: `[batch, prompt_len]` int32, left- or right-padded.
+    prompt_mask: `[batch, prompt_len]` bool.
+    tokens: `[batch, samples, time]` int32 generations.
+    mask: `[batch, samples, time]` bool, True for generated tokens (a prefix of each row).
+
+  Returns:
+    `[batch, samples, time]` float32 log-probs, 0 where `mask` is False.
+
+  Example:
+    >>> out = sample(params, prompts, prompt_mask, key, sampling_config, model_config)
+    >>> log_probs = generation_log_probs(params, model_config, prompts, prompt_mask, out.tokens, out.mask)
+  """
+  chex.assert_rank([prompts, prompt_mask, tokens, mask], [2, 2, 3, 3])
+  chex.assert_equal_shape([prompts, prompt_mask])
+  chex.assert_equal_shape([tokens, mask])
+  chex.assert_equal_shape_prefix([prompts, tokens], 1)
+  batch, prompt_len = prompts.shape
+  samples, time = tokens.shape[1:]
+  prompts, prompt_mask = left_align(prompts, prompt_mask.astype(bool))
+  repeat = lambda x: jnp.repeat(x, samples, axis=0)  # noqa: E731
+  flat_tokens, flat_mask = tokens.reshape(-1, time), mask.reshape(-1, time).astype(bool)
+  sequence = jnp.concatenate([repeat(prompts), flat_tokens], axis=1)
+  sequence_mask = jnp.concatenate([repeat(prompt_mask), flat_mask], axis=1)
+  logits, _ = forward(params, model_config, sequence, positions_from_mask(sequence_mask), sequence_mask,
+                      output_start=prompt_len - 1)
+  logits = logits[:, :time]
+  token_logits = jnp.take_along_axis(logits, flat_tokens[..., None], axis=-1)[..., 0]
+  log_probs = token_logits - jax.nn.logsumexp(logits, axis=-1)
+  return jnp.where(flat_mask, log_probs, 0.0).reshape(batch, samples, time)
