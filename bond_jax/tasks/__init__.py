@@ -1,0 +1,1 @@
+"""Tasks: the embedded default (review sentiment) and its shipped assets."""
