@@ -117,7 +117,7 @@ def token_reward(fn: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.
     chex.assert_shape(out, (batch * samples,))
     return out.astype(jnp.float32).reshape(batch, samples)
 
-  return rewards
+  return jax.tree_util.Partial(rewards)  # A pytree (with no leaves), like every RewardFn here.
 
 
 def _decode(tokenizer, ids: np.ndarray, mask: np.ndarray) -> list[str]:
@@ -163,7 +163,7 @@ def text_reward(fn: Callable[[list[str], list[str]], Sequence[float]], tokenizer
     return jax.pure_callback(host_rewards, out_shape, prompts, prompt_mask, tokens, mask,
                              vmap_method="sequential")
 
-  return rewards
+  return jax.tree_util.Partial(rewards)  # A pytree (with no leaves), like every RewardFn here.
 
 
 def check_rewards(rewards, batch: int, samples: int) -> np.ndarray:

@@ -202,7 +202,8 @@ class PromptIterator:
   def _next_position(self) -> int:
     """The stored index of the next prompt in the epoch order, moving to the next epoch when one ends."""
     if self._index == len(self._texts):
-      logging.info("Prompts %r: epoch %d done; counts so far %s.", self._name, self._epoch, self.counts)
+      logging.log_every_n_seconds(logging.INFO, "Prompts %r: epoch %d done; counts so far %s.", 60, self._name,
+                                  self._epoch, self.counts)
       self._epoch += 1
       self._index = 0
     if self._num_epochs is not None and self._epoch >= self._num_epochs:

@@ -1,0 +1,96 @@
+"""Builds what a run config names: the reference policy, its tokenizer, the reward and the prompt iterators.
+
+Example:
+  >>> ref_params, model_config, tokenizer = load_policy(config)
+  >>> reward_fn = load_reward(config, tokenizer)
+  >>> train_prompts, eval_prompts = load_prompts(config, tokenizer, model_config, workdir)
+"""
+
+import importlib
+import os
+
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+
+from bond_jax import rewards
+from bond_jax.data import id_tokenizer
+from bond_jax.data import prompt_batches
+from bond_jax.data import prompt_sources
+from bond_jax.models import hf
+from bond_jax.models import transformer
+from bond_jax.models.config import ModelConfig
+from bond_jax.tasks import default_assets
+from bond_jax.tasks import sentiment
+
+DEFAULT_POLICY_DIR = os.path.join(default_assets.ASSETS_DIR, "policy")
+
+
+def load_policy(config: ml_collections.ConfigDict):
+  """(reference params, model config, tokenizer) of `config.policy`; the policy starts as the reference."""
+  policy = config.policy
+  if policy.source == "init":
+    model_config = ModelConfig(**policy.model.to_dict(), dtype=policy.dtype)
+    params = transformer.init_params(model_config, jax.random.PRNGKey(config.seed))
+    tokenizer = (hf.load_tokenizer(policy.tokenizer_path) if policy.tokenizer_path
+                 else id_tokenizer.IdTokenizer(model_config.vocab_size))
+    return params, model_config, tokenizer
+  path = DEFAULT_POLICY_DIR if policy.source == "default" else policy.path
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f"config.policy: no checkpoint directory at {path!r}"
+        + (" (run `python experiments/pretrain.py` to make the shipped one)" if policy.source == "default" else ""))
+  params, model_config = hf.load_checkpoint(path, dtype=policy.dtype)
+  if model_config.head != "lm":
+    raise ValueError(f"config.policy.path={path!r} holds a {model_config.head!r}-head model; a policy needs 'lm'.")
+  if policy.tokenizer_path:
+    tokenizer = hf.load_tokenizer(policy.tokenizer_path)
+  elif policy.source == "default":
+    tokenizer = default_assets.load_tokenizer()
+  else:
+    tokenizer = hf.load_tokenizer(path)
+  return params, model_config, tokenizer
+
+
+def load_reward(config: ml_collections.ConfigDict, tokenizer) -> rewards.RewardFn:
+  """The `RewardFn` of `config.reward`: the shipped sentiment score, a reward model, or a Python function of
+  texts ("python") or of token ids ("python_tokens", see `rewards.token_reward`)."""
+  kind = config.reward.kind
+  if kind == "default":
+    return rewards.text_reward(sentiment.sentiment_reward, tokenizer)
+  if kind == "reward_model":
+    params, model_config = hf.load_checkpoint(config.reward.path)
+    return rewards.reward_model(params, model_config)
+  module_name, _, function_name = config.reward.function.partition(":")
+  try:
+    fn = getattr(importlib.import_module(module_name), function_name)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"config.reward.function={config.reward.function!r} cannot be imported: {e}") from e
+  if kind == "python_tokens":
+    return rewards.token_reward(fn)
+  return rewards.text_reward(fn, tokenizer)
+
+
+def load_prompts(config: ml_collections.ConfigDict, tokenizer, model_config: ModelConfig, workdir: str,
+                 ) -> tuple[prompt_batches.PromptIterator, prompt_batches.PromptIterator]:
+  """(train, eval) prompt iterators for this host; eval visits held-out prompts in order, forever ("inline"
+  prompts are both: a synthetic task is measured on the prompts it trains on)."""
+  data = config.data
+  if data.source == "inline":
+    train_texts = eval_texts = list(data.prompts)
+  else:
+    # Process 0 builds the default TFDS dataset first; the others then find it prepared on a shared file system
+    # (or build their own copy on a local one) instead of racing to rename the same directory.
+    if jax.process_index() != 0:
+      multihost_utils.sync_global_devices("bond_jax: prompts prepared by process 0")
+    train_texts, eval_texts = prompt_sources.load_prompt_splits(
+        data.source, path=data.path, tfds_name=data.tfds_name,
+        data_dir=data.data_dir or os.path.join(workdir, "tfds"), text_key=data.text_key)
+    if jax.process_index() == 0 and jax.process_count() > 1:
+      multihost_utils.sync_global_devices("bond_jax: prompts prepared by process 0")
+  common = dict(tokenizer=tokenizer, batch_size=config.batch_size, prompt_len=data.prompt_len,
+                overlong=data.overlong, process_index=jax.process_index(), process_count=jax.process_count(),
+                vocab_size=model_config.vocab_size)
+  train = prompt_batches.PromptIterator(train_texts, seed=config.seed, name="train", **common)
+  evaluation = prompt_batches.PromptIterator(eval_texts, shuffle=False, name="eval", **common)
+  return train, evaluation

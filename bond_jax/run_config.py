@@ -1,0 +1,300 @@
+"""The experiment config: every field, its default and its meaning, and its validation.
+
+Each `configs/*.py` starts from `base_config()` and overrides what it needs; `validate(config)` checks every
+field before anything is compiled and raises `ConfigError` with a message naming the field, the value and what
+is allowed.
+
+Example:
+  >>> config = base_config()
+  >>> config.algorithm = "bond"
+  >>> validate(config)
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+
+ALGORITHMS = ("jbond", "bond", "reinforce")
+ANCHOR_MODES = ("ema", "fixed", "periodic")
+REWARD_FORMS = ("log_quantile", "tie_aware")
+DATA_SOURCES = ("default", "prompt_file", "tfds", "inline")
+REWARD_KINDS = ("default", "reward_model", "python", "python_tokens")
+POLICY_SOURCES = ("default", "hf_checkpoint", "init")
+OVERLONG_POLICIES = ("truncate", "reject")
+
+
+class ConfigError(ValueError):
+  """A config field has a bad value; the message names the field, the value and what is allowed."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns the full config with defaults: the embedded default J-BOND run on CPU."""
+  c = ml_collections.ConfigDict()
+  c.algorithm = "jbond"  # "jbond" | "bond" (general N) | "reinforce" (the paper's baseline).
+  c.seed = 0  # Seeds init, data order and sampling.
+  c.num_steps = 300  # Optimizer steps.
+  c.batch_size = 16  # Prompts per step, across all hosts; divisible by the mesh's data x fsdp size.
+  c.log_every = 10  # Steps between metric lines (JSONL, TensorBoard, console).
+  c.eval_every = 100  # Steps between evaluations on held-out prompts (0: only at the end).
+  c.eval_batches = 4  # Held-out batches per evaluation.
+  c.checkpoint_every = 100  # Steps between checkpoints (and one at the end).
+  c.keep_checkpoints = 3  # How many recent checkpoints orbax keeps.
+  c.max_consecutive_nonfinite = 5  # Non-finite losses in a row before the run stops.
+
+  # Mesh: axis sizes in the order of `mesh_axes`; one -1 takes the remaining devices.
+  c.mesh_shape = (-1, 1, 1)
+  c.mesh_axes = ("data", "fsdp", "tensor")
+
+  c.policy = ml_collections.ConfigDict()
+  c.policy.source = "default"  # "default" (shipped tiny LM) | "hf_checkpoint" (local HF dir) | "init" (random).
+  c.policy.path = ""  # Local Hugging Face checkpoint directory, for source "hf_checkpoint".
+  c.policy.tokenizer_path = ""  # Tokenizer directory; empty: the policy's directory (or the shipped one).
+  c.policy.dtype = "float32"  # Compute dtype: "float32" | "bfloat16". Parameters stay float32.
+  # Source "init": a randomly initialised transformer of this shape (seeded by `seed`), without EOS, and (unless
+  # tokenizer_path is set) `id_tokenizer.IdTokenizer`, which reads and writes token ids as text.
+  c.policy.model = ml_collections.ConfigDict()
+  c.policy.model.vocab_size = 8
+  c.policy.model.num_layers = 2
+  c.policy.model.d_model = 32
+  c.policy.model.num_heads = 4
+  c.policy.model.num_kv_heads = 4
+  c.policy.model.head_dim = 8
+  c.policy.model.mlp_dim = 64
+  c.policy.model.max_seq_len = 32
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.kind = "default"  # "default" (shipped sentiment score) | "reward_model" (HF seq-cls dir) | "python" |
+  # "python_tokens".
+  c.reward.path = ""  # Reward model checkpoint directory (kind "reward_model").
+  c.reward.function = ""  # "module:function": texts (prompts, generations) -> rewards (kind "python"), or token ids
+  # (prompts [n, P], prompt_mask, generations [n, T], generation_mask) -> [n], jittable (kind "python_tokens").
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "default"  # "default" (shipped prompts, via TFDS) | "prompt_file" (JSONL/text) | "tfds" |
+  # "inline" (`data.prompts`, used for training and evaluation alike).
+  c.data.prompts = ()  # Prompt texts for "inline".
+  c.data.path = ""  # Prompt file for "prompt_file".
+  c.data.tfds_name = ""  # Registered TFDS dataset for "tfds", e.g. "xsum".
+  c.data.data_dir = ""  # TFDS data_dir (prepared offline); empty: a directory inside the workdir.
+  c.data.text_key = "prompt"  # Feature (TFDS) or JSON key holding the prompt text.
+  c.data.prompt_len = 16  # Prompt tokens; longer prompts are handled by `overlong`.
+  c.data.overlong = "truncate"  # "truncate" (keep the last prompt_len tokens) | "reject" (skip, counted).
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.max_new_tokens = 24  # Generated tokens per sample.
+  c.sampling.temperature = 1.0  # Sampling temperature for training samples (1.0 samples the policy itself).
+  c.sampling.top_k = 0  # 0: off.
+  c.sampling.top_p = 1.0  # 1.0: off.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 3e-4  # Peak AdamW learning rate (the paper: 3e-6 at Gemma scale).
+  c.optimizer.warmup_steps = 10  # Linear warm-up steps (the paper: 100).
+  c.optimizer.decay_steps = 0  # Cosine decay to 0 over this many steps after warm-up (0: constant after warm-up).
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.99
+  c.optimizer.grad_clip = 1.0  # Global-norm clipping; 0 disables it.
+
+  c.bond = ml_collections.ConfigDict()
+  c.bond.n = 8  # Best-of-N target for algorithm "bond" (J-BOND always distils Best-of-2 of its anchor).
+  c.bond.num_anchor_samples = 16  # k: anchor samples per prompt for quantiles ("bond"; >= n).
+  c.bond.num_policy_samples = 2  # Policy samples per prompt ("bond", "reinforce"; >= 2 for leave-one-out).
+  c.bond.beta = 0.5  # Jeffreys weight: (1-beta) forward KL + beta backward KL.
+  c.bond.gamma = 0.0  # J-BOND: weight of KL(policy || anchor).
+  c.bond.eta = 0.02  # EMA anchor rate: anchor <- (1-eta) anchor + eta policy.
+  c.bond.anchor = "ema"  # "ema" | "fixed" (distil BoN of the reference) | "periodic" (swap every period).
+  c.bond.anchor_period = 100  # Steps between anchor swaps for anchor "periodic".
+  c.bond.reward_form = "log_quantile"  # "log_quantile" (paper) | "tie_aware" (exact under ties); "bond" and "jbond".
+  c.bond.jbond_penalty = 2.772588722239781  # J-BOND reward when losing to both anchor samples: -penalty (log 16).
+  c.bond.ties_lose = False  # J-BOND: a tie with both anchor samples counts as losing (the paper's appendix).
+  c.bond.kl_coef = 0.05  # REINFORCE: KL(policy || reference) coefficient.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_ref_samples = 16  # Reference samples per held-out prompt for quantiles and Best-of-N.
+  c.eval.bon_ns = (2, 4, 8, 16)  # Best-of-N sizes reported (each <= num_ref_samples).
+
+  c.exact = ml_collections.ConfigDict()
+  # Steps between exact KLs over every generation (0: off), on the distinct prompts of the first held-out batch
+  # (`exact_evaluation`). Needs an enumerable space: no EOS, vocab_size ** max_new_tokens <= 65536, and sampling
+  # at temperature 1 without top-k or top-p.
+  c.exact.every = 0
+  c.exact.bon_ns = ()  # Best-of-N sizes of the reference with their own exact KLs (e.g. 2, 4, 8, 16 for iterative).
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # "host:port"; empty: single process, or JAX's environment detection.
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  return c
+
+
+def _allowed(choices: Sequence[str]) -> Callable[[Any], bool]:
+  return lambda v: v in choices
+
+
+def _positive(v) -> bool:
+  return v > 0
+
+
+def _non_negative(v) -> bool:
+  return v >= 0
+
+
+def _unit_interval(v) -> bool:
+  return 0 <= v <= 1
+
+
+# field -> (test, what is allowed)
+_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "algorithm": (_allowed(ALGORITHMS), f"one of {ALGORITHMS}"),
+    "num_steps": (_positive, "a positive integer"),
+    "batch_size": (_positive, "a positive integer"),
+    "log_every": (_positive, "a positive integer"),
+    "eval_every": (_non_negative, "a non-negative integer (0: evaluate only at the end)"),
+    "eval_batches": (_positive, "a positive integer"),
+    "checkpoint_every": (_positive, "a positive integer"),
+    "keep_checkpoints": (_positive, "a positive integer"),
+    "max_consecutive_nonfinite": (_positive, "a positive integer"),
+    "policy.source": (_allowed(POLICY_SOURCES), f"one of {POLICY_SOURCES}"),
+    "policy.dtype": (_allowed(("float32", "bfloat16")), "'float32' or 'bfloat16'"),
+    **{f"policy.model.{name}": (_positive, "a positive integer") for name in (
+        "vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "max_seq_len")},
+    "reward.kind": (_allowed(REWARD_KINDS), f"one of {REWARD_KINDS}"),
+    "data.source": (_allowed(DATA_SOURCES), f"one of {DATA_SOURCES}"),
+    "data.prompt_len": (_positive, "a positive integer"),
+    "data.overlong": (_allowed(OVERLONG_POLICIES), f"one of {OVERLONG_POLICIES}"),
+    "sampling.max_new_tokens": (_positive, "a positive integer"),
+    "sampling.temperature": (_positive, "a positive number"),
+    "sampling.top_k": (_non_negative, "a non-negative integer (0: off)"),
+    "sampling.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "optimizer.learning_rate": (_positive, "a positive number"),
+    "optimizer.warmup_steps": (_non_negative, "a non-negative integer"),
+    "optimizer.decay_steps": (_non_negative, "a non-negative integer (0: constant learning rate)"),
+    "optimizer.weight_decay": (_non_negative, "a non-negative number"),
+    "optimizer.b1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "optimizer.b2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "optimizer.grad_clip": (_non_negative, "a non-negative number (0: off)"),
+    "bond.n": (lambda v: v >= 1, "an integer >= 1"),
+    "bond.num_anchor_samples": (_positive, "a positive integer"),
+    "bond.num_policy_samples": (_positive, "a positive integer"),
+    "bond.beta": (_unit_interval, "a number in [0, 1]"),
+    "bond.gamma": (_non_negative, "a non-negative number"),
+    "bond.eta": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "bond.anchor": (_allowed(ANCHOR_MODES), f"one of {ANCHOR_MODES}"),
+    "bond.anchor_period": (_positive, "a positive integer"),
+    "bond.reward_form": (_allowed(REWARD_FORMS), f"one of {REWARD_FORMS}"),
+    "bond.jbond_penalty": (_non_negative, "a non-negative number"),
+    "bond.kl_coef": (_non_negative, "a non-negative number"),
+    "eval.num_ref_samples": (lambda v: v >= 2, "an integer >= 2"),
+    "exact.every": (_non_negative, "a non-negative integer (0: off)"),
+    "exact.bon_ns": (lambda v: all(isinstance(n, int) and n >= 1 for n in v), "a sequence of integers >= 1"),
+    "distributed.num_processes": (_positive, "a positive integer"),
+    "distributed.process_id": (_non_negative, "a non-negative integer"),
+}
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _fail(field: str, value, allowed: str):
+  raise ConfigError(f"config.{field} = {value!r} is not allowed: expected {allowed}.")
+
+
+def _check_against_schema(config, schema, prefix=""):
+  """Unknown fields and wrong types, against `base_config()`."""
+  for key, value in config.items():
+    field = f"{prefix}{key}"
+    if key not in schema:
+      raise ConfigError(f"config.{field} is not a known field; known fields here: {sorted(schema.keys())}.")
+    expected = schema[key]
+    if isinstance(expected, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        _fail(field, value, "a group of fields")
+      _check_against_schema(value, expected, field + ".")
+    elif isinstance(expected, bool) != isinstance(value, bool):
+      _fail(field, value, f"a {type(expected).__name__}")
+    elif isinstance(expected, (int, float)) and not isinstance(value, (int, float)):
+      _fail(field, value, "a number")
+    elif isinstance(expected, int) and not isinstance(expected, bool) and not isinstance(value, int):
+      _fail(field, value, "an integer")  # 10.0 would pass the value rules and break range() and shapes later.
+    elif isinstance(expected, str) and not isinstance(value, str):
+      _fail(field, value, "a string")
+    elif isinstance(expected, tuple) and not isinstance(value, (tuple, list)):
+      _fail(field, value, "a sequence")
+    elif isinstance(expected, tuple) and expected and not all(type(v) is type(expected[0]) for v in value):
+      _fail(field, value, f"a sequence of {type(expected[0]).__name__}s")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Checks every field and their combinations; raises `ConfigError` naming the first bad field.
+
+  Args:
+    config: a config made from `base_config()`.
+    num_devices: devices available (all hosts); when given, the mesh is checked against it.
+  """
+  _check_against_schema(config, base_config())
+  for field, (ok, allowed) in _FIELD_RULES.items():
+    value = _get(config, field)
+    if not ok(value):
+      _fail(field, value, allowed)
+
+  if len(config.mesh_shape) != len(config.mesh_axes):
+    _fail("mesh_shape", tuple(config.mesh_shape), f"one size per axis of mesh_axes {tuple(config.mesh_axes)}")
+  if sum(1 for s in config.mesh_shape if s == -1) > 1 or any(s == 0 or s < -1 for s in config.mesh_shape):
+    _fail("mesh_shape", tuple(config.mesh_shape), "positive sizes with at most one -1")
+  for axis in ("data", "fsdp", "tensor"):
+    if axis not in config.mesh_axes:
+      _fail("mesh_axes", tuple(config.mesh_axes), "axes including 'data', 'fsdp' and 'tensor'")
+
+  if config.algorithm == "bond" and config.bond.num_anchor_samples < config.bond.n:
+    _fail("bond.num_anchor_samples", config.bond.num_anchor_samples,
+          f"at least bond.n = {config.bond.n} (the forward term needs n anchor samples)")
+  if config.algorithm in ("bond", "reinforce") and config.bond.num_policy_samples < 2:
+    _fail("bond.num_policy_samples", config.bond.num_policy_samples,
+          "at least 2 (the leave-one-out baseline needs two samples per prompt)")
+  if not config.eval.bon_ns or max(config.eval.bon_ns) > config.eval.num_ref_samples or min(config.eval.bon_ns) < 1:
+    _fail("eval.bon_ns", tuple(config.eval.bon_ns),
+          f"sizes between 1 and eval.num_ref_samples = {config.eval.num_ref_samples}")
+  if config.policy.source == "hf_checkpoint" and not config.policy.path:
+    _fail("policy.path", config.policy.path, "a local checkpoint directory when policy.source is 'hf_checkpoint'")
+  if config.reward.kind == "reward_model" and not config.reward.path:
+    _fail("reward.path", config.reward.path, "a local checkpoint directory when reward.kind is 'reward_model'")
+  if config.reward.kind in ("python", "python_tokens") and ":" not in config.reward.function:
+    _fail("reward.function", config.reward.function,
+          f"'module:function' when reward.kind is {config.reward.kind!r}")
+  if config.data.source == "prompt_file" and not config.data.path:
+    _fail("data.path", config.data.path, "a JSONL or text file when data.source is 'prompt_file'")
+  if config.data.source == "inline" and not config.data.prompts:
+    _fail("data.prompts", tuple(config.data.prompts), "at least one prompt when data.source is 'inline'")
+  if config.exact.every and (config.sampling.temperature != 1 or config.sampling.top_k or config.sampling.top_p < 1):
+    _fail("exact.every", config.exact.every, "0 unless sampling is at temperature 1 without top-k or top-p (the "
+          "exact KLs are those of the model's own distribution, which training must then sample)")
+  if config.data.source == "tfds" and not config.data.tfds_name:
+    _fail("data.tfds_name", config.data.tfds_name, "a registered TFDS name when data.source is 'tfds'")
+
+  if num_devices is not None:
+    fixed = _fixed_mesh_size(config.mesh_shape)
+    if num_devices % fixed or (-1 not in config.mesh_shape and fixed != num_devices):
+      _fail("mesh_shape", tuple(config.mesh_shape), f"a shape that uses exactly the {num_devices} available devices")
+    sizes = dict(zip(config.mesh_axes, resolved_mesh_shape(config, num_devices)))
+    data_parallel = sizes["data"] * sizes["fsdp"]
+    if config.batch_size % data_parallel:
+      _fail("batch_size", config.batch_size,
+            f"a multiple of the mesh's data x fsdp size ({data_parallel}) so prompts shard evenly")
+
+
+def _fixed_mesh_size(mesh_shape: Sequence[int]) -> int:
+  size = 1
+  for s in mesh_shape:
+    size *= s if s > 0 else 1
+  return size
+
+
+def resolved_mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """The mesh shape with its -1 replaced by the remaining device count, in `config.mesh_axes` order."""
+  fixed = _fixed_mesh_size(config.mesh_shape)
+  return tuple(num_devices // fixed if s == -1 else s for s in config.mesh_shape)

@@ -1,0 +1,244 @@
+"""The trainer on a tiny random policy: sharded steps against one device, every algorithm and anchor mode, resume
+(also past an unreadable checkpoint), SIGTERM, and the output files."""
+
+import functools
+import glob
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bond_jax import run_components
+from bond_jax import sharding
+from bond_jax import train_state as train_state_lib
+from bond_jax import train_step as train_step_lib
+from bond_jax import trainer
+import tiny_run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def components(tiny_policy_dir, prompt_data_dir, tmp_path_factory):
+  """The reference params, model config, text reward and one training batch of the tiny run."""
+  config = tiny_run.tiny_config(tiny_policy_dir, prompt_data_dir)
+  ref_params, model_config, tokenizer = run_components.load_policy(config)
+  reward_fn = run_components.load_reward(config, tokenizer)
+  train_prompts, _ = run_components.load_prompts(config, tokenizer, model_config,
+                                                 str(tmp_path_factory.mktemp("unused")))
+  batch = {k: v for k, v in next(train_prompts).items() if k in ("prompts", "prompt_mask")}
+  return ref_params, model_config, reward_fn, batch
+
+
+def run_steps(config, mesh, components, num_steps):
+  """`num_steps` jitted train steps on `mesh` as the trainer shards them (same batch each step): host copies
+  of the initial state and of (state, metrics) after each step."""
+  ref_params, model_config, reward_fn, batch = components
+  optimizer = train_state_lib.make_optimizer(config.optimizer)
+  param_shardings = sharding.param_shardings(ref_params, mesh)
+  ref_params = jax.device_put(ref_params, param_shardings)
+  init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
+  state_shardings = sharding.param_shardings(jax.eval_shape(init, ref_params), mesh)
+  state = jax.jit(init, out_shardings=state_shardings)(ref_params)
+  batch_sharding = sharding.batch_sharding(mesh, 2)
+  step = jax.jit(train_step_lib.make_train_step(config, model_config, reward_fn, optimizer),
+                 in_shardings=(state_shardings, param_shardings, {k: batch_sharding for k in batch}),
+                 out_shardings=(state_shardings, None))
+  batch = jax.device_put(batch, batch_sharding)
+  history = []
+  initial = jax.device_get(state)
+  for _ in range(num_steps):
+    state, metrics = step(state, ref_params, batch)
+    history.append(jax.device_get((state, metrics)))
+  return initial, history
+
+
+def one_device_mesh():
+  return sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=rtol, atol=atol), actual, expected)
+
+
+@pytest.fixture(scope="module")
+def jbond_one_device(tiny_policy_dir, components):
+  config = tiny_run.tiny_config(tiny_policy_dir, **{"bond.eta": 0.5})
+  return config, run_steps(config, one_device_mesh(), components, num_steps=2)
+
+
+def test_step_on_data_fsdp_tensor_mesh_matches_one_device(jbond_one_device, components):
+  config, (_, one_device) = jbond_one_device
+  _, sharded = run_steps(config, sharding.make_mesh((2, 2, 2)), components, num_steps=2)
+  for (state, metrics), (expected_state, expected_metrics) in zip(sharded, one_device):
+    assert_trees_close(state.params, expected_state.params)
+    assert_trees_close(state.anchor_params, expected_state.anchor_params)
+    assert_trees_close(metrics, expected_metrics, rtol=1e-4, atol=1e-5)
+  # The second step sees a policy and an anchor that moved apart, so the comparison is not vacuous.
+  assert sharded[1][1]["kl/policy_anchor"] != 0
+
+
+def check_anchor_rule(config, initial, history):
+  """The anchor after each step follows `config.bond.anchor` exactly."""
+  previous = initial
+  for step, (state, _) in enumerate(history, start=1):
+    if config.bond.anchor == "ema":
+      eta = config.bond.eta
+      expected = jax.tree.map(lambda a, p: (1 - eta) * a + eta * p, previous.anchor_params, state.params)
+      assert_trees_close(state.anchor_params, expected, rtol=1e-6, atol=1e-7)
+    elif config.bond.anchor == "fixed":
+      assert_trees_close(state.anchor_params, initial.params, rtol=0, atol=0)
+    elif step % config.bond.anchor_period == 0:
+      assert_trees_close(state.anchor_params, state.params, rtol=0, atol=0)
+    else:
+      assert_trees_close(state.anchor_params, previous.anchor_params, rtol=0, atol=0)
+    previous = state
+
+
+def check_step_metrics(history):
+  for _, metrics in history:
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["nonfinite"] == 0
+  first_metrics = history[0][1]
+  # The first step samples from the reference itself: every KL estimate is exactly zero.
+  assert abs(first_metrics["kl/policy_ref"]) < 1e-6
+  assert abs(first_metrics.get("kl/policy_anchor", 0.0)) < 1e-6
+
+
+def test_jbond_steps_and_ema_anchor(jbond_one_device):
+  config, (initial, history) = jbond_one_device
+  check_step_metrics(history)
+  check_anchor_rule(config, initial, history)
+  assert not np.allclose(history[-1][0].params["embedder"]["embedding"], initial.params["embedder"]["embedding"])
+
+
+@pytest.mark.parametrize("algorithm,anchor", [("bond", "ema"), ("bond", "fixed"), ("bond", "periodic"),
+                                              ("reinforce", "ema")])
+def test_algorithm_steps_and_anchor_modes(algorithm, anchor, tiny_policy_dir, components):
+  config = tiny_run.tiny_config(tiny_policy_dir, algorithm=algorithm, **{
+      "bond.anchor": anchor, "bond.anchor_period": 2, "bond.eta": 0.5})
+  initial, history = run_steps(config, one_device_mesh(), components, num_steps=2)
+  check_step_metrics(history)
+  assert not np.allclose(history[-1][0].params["embedder"]["embedding"], initial.params["embedder"]["embedding"])
+  if algorithm == "bond":
+    check_anchor_rule(config, initial, history)
+
+
+def test_output_files(full_run):
+  config, workdir, summary = full_run
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+  assert all(isinstance(r["step"], int) for r in records)
+  assert sorted(tiny_run.train_records(workdir)) == list(range(1, config.num_steps + 1))
+  (final_eval,) = [r for r in records if "eval/reward/policy" in r]
+  assert final_eval["step"] == config.num_steps
+
+  with open(os.path.join(workdir, "report.json"), encoding="utf-8") as f:
+    report = json.load(f)
+  assert report == summary
+  assert list(report) == ["reference", "bon_2", "bon_4", "policy"]
+  for row in report.values():
+    assert set(row) == {"reward_mean", "reward_quantile", "kl_to_ref"}
+    assert all(math.isfinite(v) for v in row.values())
+  assert report["reference"]["kl_to_ref"] == 0
+  for n in (2, 4):
+    assert report[f"bon_{n}"]["kl_to_ref"] == pytest.approx(math.log(n) - (n - 1) / n)
+    assert report[f"bon_{n}"]["reward_mean"] == pytest.approx(final_eval[f"eval/reward/bon_{n}"])
+  assert report["policy"]["reward_quantile"] == pytest.approx(final_eval["eval/quantile/policy"])
+  # Best-of-4 beats Best-of-2 beats a reference sample, on the same pool of reference samples.
+  assert report["bon_4"]["reward_mean"] >= report["bon_2"]["reward_mean"] >= report["reference"]["reward_mean"]
+
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [1, 2, 3, 4]
+
+
+# Orbax's reader of the truncated checkpoint leaves a callback for an event loop it has closed.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_resume_past_an_unreadable_checkpoint_matches_an_uninterrupted_run(full_run, tmp_path, caplog):
+  config, workdir, summary = full_run
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  os.remove(os.path.join(resumed, "report.json"))
+  # As if the run was stopped while saving step 3: step 4 never written, step 3's array files cut short.
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+  array_files = glob.glob(os.path.join(resumed, "checkpoints", "3", "state", "**", "d", "*"), recursive=True)
+  assert array_files
+  for path in array_files:
+    os.truncate(path, 0)
+
+  with caplog.at_level("INFO"):
+    resumed_summary = trainer.train(config, resumed)
+  assert "Checkpoint at step 3 is unreadable" in caplog.text
+  assert "Resumed from the checkpoint at step 2." in caplog.text
+
+  expected, actual = tiny_run.train_records(workdir), tiny_run.train_records(resumed)
+  assert sorted(actual) == [1, 2, 3, 4]
+  for step in (3, 4):
+    assert actual[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+  for name, row in summary.items():
+    assert resumed_summary[name] == pytest.approx(row, rel=1e-5, abs=1e-6), name
+  (final_state, _), (expected_state, _) = (tiny_run.restore_train_state(resumed, config),
+                                           tiny_run.restore_train_state(workdir, config))
+  assert int(final_state.step) == int(expected_state.step) == config.num_steps
+  assert_trees_close(final_state.params, expected_state.params)
+  assert_trees_close(final_state.anchor_params, expected_state.anchor_params)
+
+
+def _train_steps_logged(workdir: str) -> list[int]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line)["step"] for line in f if line.endswith("\n") and "loss/total" in line]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_a_rerun_resumes(tiny_policy_dir, prompt_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  # Checkpointing every step, the stop always comes right after the save of its step.
+  config = tiny_run.tiny_config(tiny_policy_dir, prompt_data_dir, num_steps=100_000)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  log = str(tmp_path / "run.log")
+  with open(log, "w", encoding="utf-8") as out:
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "experiments", "run.py"),
+         "--config=" + os.path.join(REPO, "configs", "default.py"), f"--workdir={workdir}",
+         *tiny_run.command_line_flags(config)],
+        cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + 240
+    while not _train_steps_logged(workdir):
+      assert process.poll() is None, "the run ended before logging a step"
+      assert time.monotonic() < deadline, "no step was logged in time"
+      time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+  with open(log, encoding="utf-8") as f:
+    output = f.read()
+  assert process.returncode == 0, output[-3000:]
+  assert "SIGTERM received" in output
+
+  stopped_at = _train_steps_logged(workdir)[-1]
+  assert _train_steps_logged(workdir) == list(range(1, stopped_at + 1))
+  assert max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == stopped_at
+  state, data_state = tiny_run.restore_train_state(workdir, config)
+  assert int(state.step) == stopped_at
+  assert data_state["train"]["counts"]["yielded"] == stopped_at * config.batch_size
+  assert not os.path.exists(os.path.join(workdir, "report.json"))
+
+  config.num_steps = stopped_at + 1
+  trainer.train(config, workdir)
+  assert _train_steps_logged(workdir) == list(range(1, stopped_at + 2))
+  assert os.path.exists(os.path.join(workdir, "report.json"))
+  assert int(tiny_run.restore_train_state(workdir, config)[0].step) == stopped_at + 1
