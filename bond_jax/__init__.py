@@ -10,6 +10,7 @@ from bond_jax.losses import (
     forward_kl_loss,
     jbond_loss,
     jbond_reward,
+    jbond_tie_aware_reward,
     jeffreys_loss,
     leave_one_out_baseline,
     quantile_floor,

@@ -111,9 +111,17 @@ def bond_log_ratio(
 ) -> chex.Array:
   """The BOND estimate of `log(π_BoN(y) / π_ref(y))`, the reward of the backward KL.
 
-  `reward_form="tie_aware"` is the exact Theorem 1 ratio `bon_log_density_ratio`;
-  `"log_quantile"` is the paper's `log n + (n-1) log p_le` (drops the tie term). Both clip
-  `p_le` to `floor` first (see `bond_reward`).
+  `reward_form="tie_aware"` is the exact Theorem 1 ratio `bon_log_density_ratio`,
+  `log((p_le^n - p_lt^n) / (p_le - p_lt))`; `"log_quantile"` is the paper's
+  `log n + (n-1) log p_le` (drops the tie term). Both clip `p_le` to `floor` first (see
+  `bond_reward`).
+
+  Which to use: `tie_aware`, always. Where no reward ties with y's (continuous reward models on
+  long generations; any Monte Carlo estimate in which no reference reward equals y's), the two
+  are the same number. Where ties carry mass (verifiable right/wrong rewards, few-level rubrics,
+  short outputs) `log_quantile` is biased: for a binary reward with pass rate p it omits
+  `log((1 - (1-p)^n) / p)` from every correct answer's reward, so the backward KL's minimiser is
+  `π_ref · p_le^(n-1)` (normalised), not `π_BoN`. `log_quantile` is there to reproduce the paper.
 
   Args:
     p_lt: `[...]` quantiles `P[r(y') < r(y)]`.
@@ -314,6 +322,10 @@ def jbond_reward(
 ) -> chex.Array:
   """The J-BOND reward: `-penalty` when y is worse than every anchor sample, else 0 (section 5).
 
+  The paper's reward, a bounded stand-in for `log p_le`. Right when rewards rarely tie; with
+  ties (e.g. verifiable right/wrong rewards) it misses most of the signal: use
+  `jbond_tie_aware_reward` there.
+
   Args:
     policy_rewards: `[batch, samples]` rewards of `y ~ π_θ`.
     anchor_rewards: `[batch, k]` rewards of `y' ~ π_anchor` (k = 2 in the paper).
@@ -336,6 +348,50 @@ def jbond_reward(
   return jnp.where(loses, -penalty, 0.0)
 
 
+def jbond_tie_aware_reward(
+    policy_rewards: chex.Array,
+    anchor_rewards: chex.Array,
+    anchor_mask: chex.Array | None = None,
+    floor: float | None = None,
+) -> chex.Array:
+  """The tie-aware J-BOND reward: a k-sample estimate of `log(π_BoN2(y) / π_anchor(y))`.
+
+  J-BOND's backward term is `KL(π || Best-of-2 of π_anchor)`; by Theorem 1 its exact reward is
+  `log(p_le + p_lt)` (n = 2: `(p_le^2 - p_lt^2) / (p_le - p_lt) = p_le + p_lt`), the quantiles
+  taken under the anchor. With `s_j = 1[r(y'_j) < r(y)] + 1[r(y'_j) <= r(y)]` (2 for a win, 1
+  for a tie, 0 for a loss), `mean_j s_j` is an unbiased estimate of `p_le + p_lt`; the reward is
+  its log, `bond_log_ratio(p̂_lt, p̂_le, 2, floor=floor, reward_form="tie_aware")`, so losing
+  to every anchor sample gives `log floor` instead of `-inf`. With the paper's two anchor samples
+  it takes the values `log 2` (two wins), `log 1.5`, `0` (two ties, or a win and a loss),
+  `log 0.5`, `log floor` (two losses; `log 1/4` by default).
+
+  When it is right: rewards with ties (verifiable right/wrong checks, few-level rubrics). For a
+  binary reward at anchor pass rate p, the paper's reward (`jbond_reward`) separates a correct
+  from a wrong answer by only `p^2 · penalty` in expectation, which vanishes on hard tasks, while
+  the exact separation is `log((2-p) / (1-p))`; this estimate's expectation is within a few
+  percent of it. Without ties both are biased two-sample estimates of `log(2 p_le)` (the
+  paper's is calibrated at the median, this one is the plug-in estimate) and either works.
+
+  Args:
+    policy_rewards: `[batch, samples]` rewards of `y ~ π_θ`.
+    anchor_rewards: `[batch, k]` rewards of `y'_1..y'_k ~ π_anchor`.
+    anchor_mask: optional `[batch, k]` boolean; False marks anchor samples that never count.
+    floor: lower clip for `p̂_le`; None: `quantile_floor(k)`, half an anchor sample.
+
+  Returns:
+    `[batch, samples]` rewards, at least `log floor`, at most `log 2`.
+
+  Example:
+    >>> jbond_tie_aware_reward(jnp.array([[1.], [0.]]), jnp.array([[0., 1.], [1., 1.]]))
+    >>> # [[log 1.5], [log 0.25]]: a win and a tie; two losses, floored
+  """
+  chex.assert_rank([policy_rewards, anchor_rewards], 2)
+  if floor is None:
+    floor = quantile_floor(anchor_rewards.shape[1])
+  p_lt, p_le = quantiles.reward_quantiles(policy_rewards, anchor_rewards, anchor_mask)
+  return bond_log_ratio(p_lt, p_le, 2, floor=floor, reward_form="tie_aware")
+
+
 def jbond_loss(
     policy_log_probs: chex.Array,
     anchor_log_probs: chex.Array,
@@ -347,14 +403,18 @@ def jbond_loss(
     gamma: float = 0.0,
     penalty: float = math.log(16),
     ties_lose: bool = False,
+    reward_form: str = "log_quantile",
     mask: chex.Array | None = None,
     bon_mask: chex.Array | None = None,
 ) -> tuple[chex.Array, Metrics]:
   """J-BOND: `(1-β)·forward + β·backward + γ·KL(π || π_anchor)` (spec section 5).
 
   - forward: NLL of the Best-of-k anchor sample (`best_of_n(anchor_rewards)`).
-  - backward: score function with cost `-jbond_reward + log π(y) - log π_anchor(y)` (the negated
-    J-BOND return), centred with a leave-one-out *batch* average (one sample per prompt).
+  - backward: score function with cost `-reward + log π(y) - log π_anchor(y)` (the negated
+    J-BOND return), centred with a leave-one-out *batch* average (one sample per prompt). The
+    reward is the paper's `jbond_reward` (`reward_form="log_quantile"`, a bounded stand-in for
+    `log p_le`) or `jbond_tie_aware_reward` (`"tie_aware"`, the estimated exact Best-of-2 log
+    ratio; use it whenever rewards tie, e.g. verifiable right/wrong rewards).
   - KL: score function with cost `log π(y) - log π_anchor(y)`, same baseline, so its gradient is
     unbiased for `∇ KL(π || π_anchor)`.
 
@@ -366,8 +426,9 @@ def jbond_loss(
     bon_policy_log_probs: `[batch, ...]` `log π_θ(y'_best)`, differentiable.
     beta: backward weight in `[0, 1]`.
     gamma: weight of the anchor KL, >= 0.
-    penalty: see `jbond_reward`.
-    ties_lose: see `jbond_reward`.
+    penalty: see `jbond_reward` (`"log_quantile"` only).
+    ties_lose: see `jbond_reward` (`"log_quantile"` only).
+    reward_form: `"log_quantile"` (the paper's reward) or `"tie_aware"`.
     mask: optional `[batch, samples]` validity of the policy samples.
     bon_mask: optional validity for `bon_policy_log_probs`.
 
@@ -382,9 +443,13 @@ def jbond_loss(
   """
   _check_real(beta, "beta", 0.0, 1.0)
   _check_real(gamma, "gamma", 0.0)
+  _check_choice(reward_form, "reward_form", REWARD_FORMS)
   chex.assert_equal_shape([policy_log_probs, anchor_log_probs, policy_rewards])
   mask = _valid(mask, policy_log_probs)
-  reward = jbond_reward(policy_rewards, anchor_rewards, penalty, ties_lose)
+  if reward_form == "tie_aware":
+    reward = jbond_tie_aware_reward(policy_rewards, anchor_rewards)
+  else:
+    reward = jbond_reward(policy_rewards, anchor_rewards, penalty, ties_lose)
   kl_anchor = kl.kl_k1(policy_log_probs, anchor_log_probs, mask)
   forward, _ = forward_kl_loss(bon_policy_log_probs, bon_mask)
   backward = score_function_loss(policy_log_probs, kl_anchor - reward, mask, baseline="batch")

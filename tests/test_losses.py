@@ -51,7 +51,7 @@ def make_tabular(levels):
   )
 
 
-@pytest.fixture(scope="module", params=[None, 2], ids=["distinct_rewards", "heavy_ties"])
+@pytest.fixture(scope="module", params=[None, 2, 3], ids=["distinct_rewards", "binary", "three_level"])
 def tabular(request):
   return make_tabular(request.param)
 
@@ -164,8 +164,27 @@ def test_reinforce_leave_one_out_gradient_is_exact(tabular):
   np.testing.assert_allclose(grad, exact_grad, atol=2e-5)
 
 
-@pytest.mark.parametrize("ties_lose", [False, True])
-def test_jbond_loss_gradient_is_exact(ties_lose):
+def expected_jbond_reward(anchor_probs, rewards, reward_form, penalty, ties_lose):
+  """`E_{y'_1, y'_2 ~ π_anchor}[reward(y)]` for every outcome y, by a loop over anchor pairs."""
+  expected = np.zeros(len(rewards))
+  for y, a1, a2 in all_tuples(len(rewards), 3):
+    anchors = rewards[[a1, a2]]
+    if reward_form == "tie_aware":  # log of the mean win (2) / tie (1) / loss (0) score, floored at 1/4.
+      score = np.mean(2.0 * (anchors < rewards[y]) + (anchors == rewards[y]))
+      value = math.log(max(score, 0.25))
+    else:
+      loses = np.all(anchors >= rewards[y]) if ties_lose else np.all(anchors > rewards[y])
+      value = -penalty * loses
+    expected[y] += anchor_probs[a1] * anchor_probs[a2] * value
+  return expected
+
+
+@pytest.mark.parametrize(
+    "reward_form, ties_lose",
+    [("log_quantile", False), ("log_quantile", True), ("tie_aware", False)],
+    ids=["paper_strict", "paper_ties_lose", "tie_aware"],
+)
+def test_jbond_loss_gradient_is_exact(reward_form, ties_lose):
   """Two prompts, each with y ~ π_θ and two anchor samples: all 3**6 configurations."""
   beta, gamma, penalty, num = 0.5, 0.3, math.log(16), 3
   anchor_probs, rewards = random_case(seed=4, num=num, levels=2)
@@ -179,18 +198,17 @@ def test_jbond_loss_gradient_is_exact(ties_lose):
     best = jnp.take_along_axis(anchors, bond_jax.best_of_n(rewards_f32[anchors])[:, None], 1)
     return losses.jbond_loss(
         log_pi[y], log_anchor[y], rewards_f32[y], rewards_f32[anchors], log_pi[best],
-        beta=beta, gamma=gamma, penalty=penalty, ties_lose=ties_lose,
+        beta=beta, gamma=gamma, penalty=penalty, ties_lose=ties_lose, reward_form=reward_form,
     )[0]
 
-  p_lt, p_le = exact_quantiles(anchor_probs, rewards)
-  lose_prob = (1 - p_lt) ** 2 if ties_lose else (1 - p_le) ** 2
+  reward = expected_jbond_reward(anchor_probs, rewards, reward_form, penalty, ties_lose)
   bon2 = brute_force_bon(anchor_probs, rewards, 2)
 
   def objective(theta):
     log_pi = log_softmax(theta)
     pi = jnp.exp(log_pi)
     kl_anchor = jnp.sum(pi * (log_pi - log_anchor))
-    backward = penalty * pi @ lose_prob + kl_anchor
+    backward = kl_anchor - pi @ jnp.asarray(reward, jnp.float32)
     return (1 - beta) * -(bon2 @ log_pi) + beta * backward + gamma * kl_anchor
 
   pi = softmax(np.asarray(theta, np.float64))
@@ -209,6 +227,16 @@ def test_jbond_reward_hand_cases():
   np.testing.assert_allclose(strict[:, 0], [-math.log(16), 0, 0, 0, 0], rtol=1e-6)
   lenient = losses.jbond_reward(policy, anchors, penalty=2.0, ties_lose=True)
   np.testing.assert_allclose(lenient[:, 0], [-2, -2, -2, 0, 0])
+
+
+def test_jbond_tie_aware_reward_hand_cases():
+  policy = jnp.array([[1.0], [1.0], [1.0], [1.0], [1.0], [0.0]])
+  anchors = jnp.array([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 2.0], [1.0, 2.0], [1.0, 1.0]])
+  got = losses.jbond_tie_aware_reward(policy, anchors)[:, 0]
+  np.testing.assert_allclose(np.exp(got), [2.0, 1.5, 1.0, 1.0, 0.5, 0.25], rtol=1e-6)
+  # A masked anchor never counts; a lower floor only moves the two-loss case.
+  masked = losses.jbond_tie_aware_reward(policy, anchors, jnp.array([[True, False]] * 6), floor=0.1)
+  np.testing.assert_allclose(np.exp(masked[:, 0]), [2.0, 2.0, 1.0, 2.0, 1.0, 0.1], rtol=1e-6)
 
 
 def test_jbond_loss_hand_case():
@@ -399,6 +427,8 @@ def test_ema_update_matches_closed_form():
                                    beta=-0.1), "`beta` must be in"),
         (lambda: losses.jbond_loss(*[jnp.zeros((1, 1))] * 3, jnp.zeros((1, 2)), jnp.zeros(1),
                                    gamma=-1.0), "`gamma` must be in"),
+        (lambda: losses.jbond_loss(*[jnp.zeros((1, 1))] * 3, jnp.zeros((1, 2)), jnp.zeros(1),
+                                   reward_form="exact"), "`reward_form` must be one of"),
         (lambda: losses.jbond_reward(jnp.zeros((1, 1)), jnp.zeros((1, 2)), penalty=-1.0),
          "`penalty` must be in"),
         (lambda: losses.reinforce_loss(*[jnp.zeros((1, 2))] * 3, kl_coef=-0.1),
