@@ -33,5 +33,8 @@ setuptools.setup(
         # torch is only needed to check our converter against the PyTorch reference models.
         # 2.13 is the CPU wheel our CI installs; newer releases default to multi-GB CUDA builds.
         "hf": ["torch>=2.4,<2.14"],
+        # Peers for benchmarks/train_step.py, each in its own virtual environment (benchmarks/README.md).
+        "bench": ["trl>=1.16", "torch>=2.4,<2.14"],
+        "bench-tunix": ["google-tunix>=0.1.7"],
     },
 )
