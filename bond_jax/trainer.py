@@ -22,6 +22,7 @@ from bond_jax import checkpointing
 from bond_jax import evaluation
 from bond_jax import exact_evaluation
 from bond_jax import metrics_logging
+from bond_jax import plots
 from bond_jax import run_components
 from bond_jax import run_config
 from bond_jax import sampling
@@ -57,6 +58,20 @@ def _global_batch(local: dict, batch_sharding) -> dict[str, jax.Array]:
           for key in ("prompts", "prompt_mask")}
 
 
+def sharded_train_state(config: ml_collections.ConfigDict, ref_params, optimizer, mesh):
+  """Places the reference on `mesh` and creates the initial train state there, sharded by the partition rules.
+
+  Returns:
+    `(ref_params, param_shardings, state, state_shardings)`, the shardings being pytrees of `NamedSharding`
+    matching `ref_params` and the `TrainState`.
+  """
+  param_shardings = sharding.param_shardings(ref_params, mesh)
+  ref_params = jax.device_put(ref_params, param_shardings)
+  init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
+  state_shardings = sharding.param_shardings(jax.eval_shape(init, ref_params), mesh)
+  return ref_params, param_shardings, jax.jit(init, out_shardings=state_shardings)(ref_params), state_shardings
+
+
 def _jit_with_reward(make_fn, reward_fn, mesh, in_shardings, **jit_kwargs):
   """Jits `make_fn(reward_fn)` with the reward as a traced argument and returns it with the reward bound.
 
@@ -85,7 +100,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config` in `workdir` (resuming from its checkpoints); returns the final report.
 
   Writes `workdir/config.json` (resolved config), `metrics.jsonl`, `tensorboard/`, `checkpoints/` and, at the
-  end, `eval.jsonl` rows and `report.json`.
+  end, `eval.jsonl` rows, `report.json` and `tradeoff.png` (`plots.plot_run`).
 
   Raises:
     run_config.ConfigError: a bad config (before anything is compiled).
@@ -104,11 +119,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_prompts, eval_prompts = run_components.load_prompts(config, tokenizer, model_config, workdir)
   optimizer = train_state_lib.make_optimizer(config.optimizer)
 
-  param_shardings = sharding.param_shardings(ref_params, mesh)
-  ref_params = jax.device_put(ref_params, param_shardings)
-  init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
-  state_shardings = sharding.param_shardings(jax.eval_shape(init, ref_params), mesh)
-  state = jax.jit(init, out_shardings=state_shardings)(ref_params)
+  ref_params, param_shardings, state, state_shardings = sharded_train_state(config, ref_params, optimizer, mesh)
 
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   restored = checkpointer.restore_latest(checkpointing.abstract_like(state))
@@ -227,6 +238,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2)
     print(format_report(summary))
+    print(f"plot: {plots.plot_run(workdir)}")
   examples = example_generations(config, model_config, tokenizer, state.params, ref_params, eval_prompts,
                                  eval_start, batch_sharding)
   if jax.process_index() == 0:

@@ -43,11 +43,8 @@ def run_steps(config, mesh, components, num_steps):
   of the initial state and of (state, metrics) after each step."""
   ref_params, model_config, reward_fn, batch = components
   optimizer = train_state_lib.make_optimizer(config.optimizer)
-  param_shardings = sharding.param_shardings(ref_params, mesh)
-  ref_params = jax.device_put(ref_params, param_shardings)
-  init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
-  state_shardings = sharding.param_shardings(jax.eval_shape(init, ref_params), mesh)
-  state = jax.jit(init, out_shardings=state_shardings)(ref_params)
+  ref_params, param_shardings, state, state_shardings = trainer.sharded_train_state(config, ref_params, optimizer,
+                                                                                    mesh)
   batch_sharding = sharding.batch_sharding(mesh, 2)
   step = jax.jit(train_step_lib.make_train_step(config, model_config, reward_fn, optimizer),
                  in_shardings=(state_shardings, param_shardings, {k: batch_sharding for k in batch}),
