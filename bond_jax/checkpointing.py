@@ -8,10 +8,12 @@ reported and the previous one is used.
 """
 
 import os
+import time
 from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 
@@ -30,8 +32,9 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, keep: int, async_save: bool = True):
+    self._directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
+        self._directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True),
@@ -78,14 +81,27 @@ class Checkpointer:
         failures.append(f"step {step}: {type(e).__name__}: {e}")
         unreadable_steps.append(step)
         continue
-      for bad_step in unreadable_steps:  # The resumed run saves these steps again; orbax never overwrites one.
-        logging.warning("Deleting the unreadable checkpoint at step %d.", bad_step)
-        self._manager.delete(bad_step)
+      if unreadable_steps:
+        self._set_aside(unreadable_steps)
       return restored["state"], restored["data"]
     if failures:
       raise CheckpointMismatchError(
           "No checkpoint could be restored into this run's train state:\n  " + "\n  ".join(failures))
     return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable step directories to `<directory>_unreadable/` (kept for inspection, never deleted).
+
+    The resumed run saves those steps again, and orbax never overwrites an existing step.
+    """
+    if jax.process_index() == 0:
+      for step in steps:
+        target = os.path.join(f"{self._directory}_unreadable", f"{step}.{time.time_ns()}")
+        logging.warning("Moving the unreadable checkpoint at step %d to %s.", step, target)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(os.path.join(self._directory, str(step)), target)
+    multihost_utils.sync_global_devices("bond_jax_checkpoints_set_aside")
+    self._manager.reload()
 
   def close(self) -> None:
     self.wait()

@@ -174,6 +174,8 @@ def test_resume_past_an_unreadable_checkpoint_matches_an_uninterrupted_run(full_
     resumed_summary = trainer.train(config, resumed)
   assert "Checkpoint at step 3 is unreadable" in caplog.text
   assert "Resumed from the checkpoint at step 2." in caplog.text
+  kept_aside = os.listdir(os.path.join(resumed, "checkpoints_unreadable"))
+  assert [name.split(".")[0] for name in kept_aside] == ["3"]  # Set aside for inspection, not deleted.
 
   expected, actual = tiny_run.train_records(workdir), tiny_run.train_records(resumed)
   assert sorted(actual) == [1, 2, 3, 4]
