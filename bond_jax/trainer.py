@@ -99,8 +99,9 @@ def _check_lengths(config: ml_collections.ConfigDict, model_config) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs `config` in `workdir` (resuming from its checkpoints); returns the final report.
 
-  Writes `workdir/config.json` (resolved config), `metrics.jsonl`, `tensorboard/`, `checkpoints/` and, at the
-  end, `eval.jsonl` rows, `report.json` and `tradeoff.png` (`plots.plot_run`).
+  Writes `workdir/config.json` (resolved config), `metrics.jsonl` (train records every `log_every` steps and
+  `eval/*` records at each evaluation), `tensorboard/`, `checkpoints/` and, at the end, `report.json` and
+  `tradeoff.png` (`plots.plot_run`).
 
   Raises:
     run_config.ConfigError: a bad config (before anything is compiled).
