@@ -44,11 +44,8 @@ def _reward_model_scores(model_config: ModelConfig) -> Callable[..., jax.Array]:
 
   def scores(params, prompts, prompt_mask, tokens, mask):
     _check_inputs(prompts, prompt_mask, tokens, mask)
-    batch, samples, time = tokens.shape
-    prompts, prompt_mask = sampling.left_align(prompts, prompt_mask.astype(bool))
-    sequence = jnp.concatenate([_per_sample_prompts(prompts, samples), tokens.reshape(-1, time)], axis=1)
-    sequence_mask = jnp.concatenate(
-        [_per_sample_prompts(prompt_mask, samples), mask.reshape(-1, time).astype(bool)], axis=1)
+    batch, samples, _ = tokens.shape
+    sequence, sequence_mask = sampling.prompt_and_generation(prompts, prompt_mask, tokens, mask)
     outputs, _ = transformer.forward(
         params, model_config, sequence, transformer.positions_from_mask(sequence_mask), sequence_mask)
     # Index of the last real token (0 if none): the same pooling rule as Hugging Face classifiers.
@@ -62,7 +59,7 @@ def _reward_model_scores(model_config: ModelConfig) -> Callable[..., jax.Array]:
 def reward_model(params, model_config: ModelConfig) -> RewardFn:
   """A learned reward: the score head read at the last real token of prompt + generation.
 
-  The sequence is laid out as in ``sampling.generation_log_probs`` (prompt packed left, then the generation;
+  The sequence is laid out by ``sampling.prompt_and_generation`` (prompt packed left, then the generation;
   rotary positions count real tokens only), and the score is taken at its last real token, as Hugging Face
   ``*ForSequenceClassification`` models pool. A sample with an empty generation is scored on its prompt.
 

@@ -219,6 +219,31 @@ def sample(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.
   return SampleOutput(unflatten(state.tokens), unflatten(state.log_probs), unflatten(state.mask))
 
 
+def prompt_and_generation(prompts: jax.Array, prompt_mask: jax.Array, tokens: jax.Array, mask: jax.Array,
+                          ) -> tuple[jax.Array, jax.Array]:
+  """Every sample after its prompt as one sequence, the layout scored by full forwards.
+
+  The prompt is packed left (`left_align`) so the generation follows its last real token; row `b * samples + s`
+  is sample `s` of prompt `b`. Rotary positions are `positions_from_mask(sequence_mask)`.
+
+  Args:
+    prompts: `[batch, prompt_len]` int32, left- or right-padded; prompt_mask: `[batch, prompt_len]` bool.
+    tokens: `[batch, samples, time]` int32; mask: `[batch, samples, time]` bool.
+
+  Returns:
+    `(sequence, sequence_mask)`, each `[batch * samples, prompt_len + time]`.
+
+  Example:
+    >>> sequence, sequence_mask = prompt_and_generation(prompts, prompt_mask, out.tokens, out.mask)
+  """
+  samples, time = tokens.shape[1:]
+  prompts, prompt_mask = left_align(prompts, prompt_mask.astype(bool))
+  repeat = lambda x: jnp.repeat(x, samples, axis=0)  # noqa: E731
+  sequence = jnp.concatenate([repeat(prompts), tokens.reshape(-1, time)], axis=1)
+  sequence_mask = jnp.concatenate([repeat(prompt_mask), mask.reshape(-1, time).astype(bool)], axis=1)
+  return sequence, sequence_mask
+
+
 @functools.partial(jax.jit, static_argnames=("model_config",))
 def generation_log_probs(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
                          tokens: jax.Array, mask: jax.Array) -> jax.Array:
@@ -248,11 +273,8 @@ def generation_log_probs(params: Params, model_config: ModelConfig, prompts: jax
   chex.assert_equal_shape_prefix([prompts, tokens], 1)
   batch, prompt_len = prompts.shape
   samples, time = tokens.shape[1:]
-  prompts, prompt_mask = left_align(prompts, prompt_mask.astype(bool))
-  repeat = lambda x: jnp.repeat(x, samples, axis=0)  # noqa: E731
   flat_tokens, flat_mask = tokens.reshape(-1, time), mask.reshape(-1, time).astype(bool)
-  sequence = jnp.concatenate([repeat(prompts), flat_tokens], axis=1)
-  sequence_mask = jnp.concatenate([repeat(prompt_mask), flat_mask], axis=1)
+  sequence, sequence_mask = prompt_and_generation(prompts, prompt_mask, tokens, mask)
   logits, _ = forward(params, model_config, sequence, positions_from_mask(sequence_mask), sequence_mask,
                       output_start=prompt_len - 1)
   logits = logits[:, :time]
