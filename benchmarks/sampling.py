@@ -15,9 +15,7 @@ The last line printed is one JSON object: {"batch_1": {"tokens_per_s": ..., "hf_
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,22 +25,12 @@ import transformers
 
 from bond_jax import sampling
 from bond_jax.models import hf
+from timing import median_seconds
 
 FULL = dict(vocab=8192, d_model=512, layers=8, heads=8, kv_heads=4, mlp_dim=1408, prompt_len=32, new_tokens=64,
             repeats=3)
 QUICK = dict(vocab=1024, d_model=128, layers=2, heads=4, kv_heads=2, mlp_dim=352, prompt_len=16, new_tokens=16,
              repeats=2)
-
-
-def median_seconds(fn, repeats: int) -> float:
-  """Median wall time of `fn()` over `repeats` runs, after one warm-up run."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def machine_peaks(repeats: int) -> tuple[float, float]:

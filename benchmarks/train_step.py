@@ -39,7 +39,6 @@ import subprocess
 import sys
 import shutil
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +59,7 @@ from bond_jax.models import transformer
 from bond_jax.models.config import ModelConfig
 from bond_jax.tasks import default_assets
 from bond_jax.tasks import sentiment
+from timing import median_seconds, wall_times
 
 SHAPES = {
     "default": dict(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384),
@@ -70,21 +70,6 @@ FULL = dict(models="default,large", batch=16, prompt_len=16, new_tokens=24, repe
 QUICK = dict(models="default", batch=8, prompt_len=16, new_tokens=8, repeats=1, peer_steps=1, bon_ns="4")
 SAMPLES_PER_PROMPT = 3  # J-BOND: 1 policy + 2 anchor samples; TRL: num_generations.
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def wall_times(fn, repeats: int) -> list[float]:
-  """Wall times of `repeats` runs of `fn()`, after one warm-up (compiling) run."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return times
-
-
-def median_seconds(fn, repeats: int) -> float:
-  return statistics.median(wall_times(fn, repeats))
 
 
 def matmul_flops_per_s(repeats: int) -> float:
