@@ -129,11 +129,11 @@ def make_train_step(config: ml_collections.ConfigDict, model_config: ModelConfig
   log_probs = functools.partial(sequence_log_probs, model_config=model_config)
   bond = config.bond
 
-  def losses_and_metrics(params, state: TrainState, ref_params, batch: Batch, rng: jax.Array):
+  def losses_and_metrics(state: TrainState, ref_params, batch: Batch, rng: jax.Array):
     """Everything up to the loss; returns `loss_fn(params) -> (loss, metrics)` and sample-side metrics."""
     policy_rng, anchor_rng = jax.random.split(rng)
     prompts, prompt_mask = batch["prompts"], batch["prompt_mask"]
-    policy_out = sampling.sample(params, prompts, prompt_mask, policy_rng, policy_sampling, model_config)
+    policy_out = sampling.sample(state.params, prompts, prompt_mask, policy_rng, policy_sampling, model_config)
     policy_rewards = reward_fn(prompts, prompt_mask, policy_out.tokens, policy_out.mask)
     ref_log_probs = log_probs(ref_params, batch=batch, out=policy_out)
     metrics = {
@@ -186,7 +186,7 @@ def make_train_step(config: ml_collections.ConfigDict, model_config: ModelConfig
 
   def train_step(state: TrainState, ref_params, batch: Batch) -> tuple[TrainState, Metrics]:
     rng, step_rng = jax.random.split(state.rng)
-    loss_fn, metrics = losses_and_metrics(state.params, state, ref_params, batch, step_rng)
+    loss_fn, metrics = losses_and_metrics(state, ref_params, batch, step_rng)
     (loss, (loss_metrics, kl_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

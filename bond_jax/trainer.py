@@ -108,7 +108,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     NonFiniteLossError: `config.max_consecutive_nonfinite` non-finite steps in a row.
   """
   run_config.validate(config, jax.device_count())
-  mesh = sharding.make_mesh(run_config.resolved_mesh_shape(config, jax.device_count()), config.mesh_axes)
+  mesh = sharding.make_mesh(config.mesh_shape, config.mesh_axes)  # make_mesh resolves the -1 itself.
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
