@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from bond_jax import sampling
-from bond_jax.models import transformer
 from bond_jax.models.config import ModelConfig
 
 RewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -45,11 +44,10 @@ def _reward_model_scores(model_config: ModelConfig) -> Callable[..., jax.Array]:
   def scores(params, prompts, prompt_mask, tokens, mask):
     _check_inputs(prompts, prompt_mask, tokens, mask)
     batch, samples, _ = tokens.shape
-    sequence, sequence_mask = sampling.prompt_and_generation(prompts, prompt_mask, tokens, mask)
-    outputs, _ = transformer.forward(
-        params, model_config, sequence, transformer.positions_from_mask(sequence_mask), sequence_mask)
-    # Index of the last real token (0 if none): the same pooling rule as Hugging Face classifiers.
-    last = jnp.argmax(jnp.arange(sequence.shape[1]) * sequence_mask, axis=1)
+    outputs = sampling.outputs_after_prompts(params, model_config, prompts, prompt_mask, tokens, mask)
+    # The score at the last real token, as Hugging Face classifiers pool: position 0 is the prompt's last token,
+    # position t + 1 generated token t, and a generation's real tokens are a prefix of its row.
+    last = jnp.sum(mask, axis=-1).reshape(-1)
     pooled = jnp.take_along_axis(outputs[..., 0], last[:, None], axis=1)[:, 0]
     return pooled.reshape(batch, samples)
 
@@ -59,9 +57,10 @@ def _reward_model_scores(model_config: ModelConfig) -> Callable[..., jax.Array]:
 def reward_model(params, model_config: ModelConfig) -> RewardFn:
   """A learned reward: the score head read at the last real token of prompt + generation.
 
-  The sequence is laid out by ``sampling.prompt_and_generation`` (prompt packed left, then the generation;
-  rotary positions count real tokens only), and the score is taken at its last real token, as Hugging Face
-  ``*ForSequenceClassification`` models pool. A sample with an empty generation is scored on its prompt.
+  Each prompt runs once, shared by its samples (``sampling.outputs_after_prompts``: the prompt packed left, then
+  the generation; rotary positions count real tokens only), and the score is taken at the last real token, as
+  Hugging Face ``*ForSequenceClassification`` models pool. A sample with an empty generation is scored on its
+  prompt.
 
   The RewardFn is a ``jax.tree_util.Partial`` whose pytree leaves are ``params``: pass it to a jitted function
   as an argument, and the weights are traced inputs; call it from a closure, and they are baked into the

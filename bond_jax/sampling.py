@@ -9,6 +9,9 @@ Randomness: `rng` is one key for the whole batch, split into one key per prompt 
 `[batch]` (typed) / `[batch, 2]` (raw). Row `b`'s key alone decides its samples (sample `s` of row `b` uses
 `split(row_key, num_samples)[s]`, folded with the step), so a prompt sampled alone with its row key gives the
 same tokens as inside the batch.
+
+`outputs_after_prompts` runs given samples the same way (one prefill per prompt, shared by its samples), with
+gradients: `generation_log_probs` (for the losses) and reward models score through it.
 """
 
 from __future__ import annotations
@@ -131,6 +134,29 @@ class _DecodeState(NamedTuple):
   cache: Cache
 
 
+def _prefill(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array, samples: int,
+             time: int) -> tuple[jax.Array, jax.Array, Cache]:
+  """Runs each prompt once into a KV cache, then gives every one of its `samples` rows a copy.
+
+  Prompts are packed left (`left_align`), so slot `prompt_len` is the first generated token of every row. The
+  cache has room for the prompt and `time - 1` more tokens (`sample` never feeds back its last token).
+
+  Returns:
+    `(logits, positions, cache)`: `[batch * samples, vocab]` logits of each row's first generated token,
+    `[batch * samples]` int32 rotary position of that token, and the cache with `batch * samples` rows, row
+    `b * samples + s` being sample `s` of prompt `b`.
+  """
+  prompt_len = prompts.shape[1]
+  prompts, prompt_mask = left_align(prompts, prompt_mask.astype(bool))
+  cache = init_cache(model_config, prompts.shape[0], prompt_len + time - 1)
+  logits, cache = forward(params, model_config, prompts, positions_from_mask(prompt_mask), prompt_mask, cache,
+                          output_start=prompt_len - 1)
+  repeat = lambda x: jnp.repeat(x, samples, axis=0)  # noqa: E731  (row b -> rows b*samples .. +samples-1)
+  cache = cache._replace(k=jax.tree.map(repeat, cache.k), v=jax.tree.map(repeat, cache.v),
+                         mask=repeat(cache.mask))
+  return repeat(logits[:, 0]), repeat(prompt_mask.sum(axis=-1).astype(jnp.int32)), cache
+
+
 @functools.partial(jax.jit, static_argnames=("config", "model_config"))
 def sample(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
            config: SamplingConfig, model_config: ModelConfig) -> SampleOutput:
@@ -166,14 +192,7 @@ def sample(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.
                      f"{model_config.max_seq_len}.")
   n = batch * samples
 
-  prompts, prompt_mask = left_align(prompts, prompt_mask.astype(bool))
-  # Slots: the prompt, then every generated token but the last (which is never fed back).
-  cache = init_cache(model_config, batch, prompt_len + time - 1)
-  logits, cache = forward(params, model_config, prompts, positions_from_mask(prompt_mask), prompt_mask, cache,
-                          output_start=prompt_len - 1)
-  repeat = lambda x: jnp.repeat(x, samples, axis=0)  # noqa: E731  (row b -> rows b*samples .. +samples-1)
-  cache = cache._replace(k=jax.tree.map(repeat, cache.k), v=jax.tree.map(repeat, cache.v),
-                         mask=repeat(cache.mask))
+  logits, positions, cache = _prefill(params, model_config, prompts, prompt_mask, samples, time)
   row_keys = _row_keys(rng, batch)
   keys = jax.vmap(lambda key: jax.random.split(key, samples))(row_keys)
   keys = keys.reshape((n,) + keys.shape[2:])
@@ -210,8 +229,8 @@ def sample(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.
       log_probs=jnp.zeros((n, time), jnp.float32),
       mask=jnp.zeros((n, time), bool),
       done=jnp.zeros((n,), bool),
-      logits=repeat(logits[:, 0]),
-      positions=repeat(prompt_mask.sum(axis=-1).astype(jnp.int32)),
+      logits=logits,
+      positions=positions,
       cache=cache)
   state = lax.while_loop(lambda s: (s.step < time) & ~jnp.all(s.done), lambda s: choose(advance(s)),
                          choose(state))
@@ -219,38 +238,51 @@ def sample(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.
   return SampleOutput(unflatten(state.tokens), unflatten(state.log_probs), unflatten(state.mask))
 
 
-def prompt_and_generation(prompts: jax.Array, prompt_mask: jax.Array, tokens: jax.Array, mask: jax.Array,
-                          ) -> tuple[jax.Array, jax.Array]:
-  """Every sample after its prompt as one sequence, the layout scored by full forwards.
+def outputs_after_prompts(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
+                          tokens: jax.Array, mask: jax.Array) -> jax.Array:
+  """The model's outputs after each prompt and at each of its samples' tokens, every prompt run only once.
 
-  The prompt is packed left (`left_align`) so the generation follows its last real token; row `b * samples + s`
-  is sample `s` of prompt `b`. Rotary positions are `positions_from_mask(sequence_mask)`.
+  Each prompt (packed left, as in `sample`) runs into a KV cache that its samples share; then all the samples'
+  tokens run in one forward over it. A sample's tokens thus attend to its prompt and to its own earlier tokens,
+  exactly as if prompt and sample were one sequence (`batch * prompt_len + batch * samples * time` tokens through
+  the layers rather than `batch * samples * (prompt_len + time)`).
 
   Args:
-    prompts: `[batch, prompt_len]` int32, left- or right-padded; prompt_mask: `[batch, prompt_len]` bool.
-    tokens: `[batch, samples, time]` int32; mask: `[batch, samples, time]` bool.
+    params: the model's parameters (head "lm" or "score").
+    model_config: its config.
+    prompts: `[batch, prompt_len]` int32, left- or right-padded.
+    prompt_mask: `[batch, prompt_len]` bool.
+    tokens: `[batch, samples, time]` int32, the tokens to feed after each prompt.
+    mask: `[batch, samples, time]` bool, True for real tokens (a prefix of each row).
 
   Returns:
-    `(sequence, sequence_mask)`, each `[batch * samples, prompt_len + time]`.
+    `[batch * samples, time + 1, outputs]` float32 (logits or scores): position 0 is the output at the prompt's
+    last token, position `t + 1` the output at token `t`; row `b * samples + s` is sample `s` of prompt `b`.
 
   Example:
-    >>> sequence, sequence_mask = prompt_and_generation(prompts, prompt_mask, out.tokens, out.mask)
+    >>> logits = outputs_after_prompts(params, model_config, prompts, prompt_mask, out.tokens, out.mask)
   """
+  batch, prompt_len = prompts.shape
   samples, time = tokens.shape[1:]
-  prompts, prompt_mask = left_align(prompts, prompt_mask.astype(bool))
-  repeat = lambda x: jnp.repeat(x, samples, axis=0)  # noqa: E731
-  sequence = jnp.concatenate([repeat(prompts), tokens.reshape(-1, time)], axis=1)
-  sequence_mask = jnp.concatenate([repeat(prompt_mask), mask.reshape(-1, time).astype(bool)], axis=1)
-  return sequence, sequence_mask
+  if prompt_len + time > model_config.max_seq_len:
+    raise ValueError(f"prompt_len={prompt_len} + time={time} exceeds model_config.max_seq_len="
+                     f"{model_config.max_seq_len}.")
+  first, positions, cache = _prefill(params, model_config, prompts, prompt_mask, samples, time + 1)
+  if time == 0:
+    return first[:, None]
+  fed_positions = positions[:, None] + jnp.arange(time, dtype=jnp.int32)
+  rest, _ = forward(params, model_config, tokens.reshape(batch * samples, time), fed_positions,
+                    mask.reshape(batch * samples, time).astype(bool), cache)
+  return jnp.concatenate([first[:, None], rest], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("model_config",))
 def generation_log_probs(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
                          tokens: jax.Array, mask: jax.Array) -> jax.Array:
-  """Per-token log-probs (temperature 1) of generations under `params`: one full forward, differentiable.
+  """Per-token log-probs (temperature 1) of generations under `params`, differentiable.
 
-  Each sample's prompt + generation is one sequence (the prompt packed left as in `sample`); the vocab-sized
-  head runs only over the generation's predicting positions.
+  Each prompt runs once, shared by its samples (`outputs_after_prompts`); the vocab-sized head runs only over the
+  predicting positions.
 
   Args:
     params: the policy's parameters.
@@ -271,13 +303,10 @@ def generation_log_probs(params: Params, model_config: ModelConfig, prompts: jax
   chex.assert_equal_shape([prompts, prompt_mask])
   chex.assert_equal_shape([tokens, mask])
   chex.assert_equal_shape_prefix([prompts, tokens], 1)
-  batch, prompt_len = prompts.shape
-  samples, time = tokens.shape[1:]
+  batch, samples, time = tokens.shape
+  # Every generated token but the last is fed back: the prompt's last token predicts the first, and so on.
+  logits = outputs_after_prompts(params, model_config, prompts, prompt_mask, tokens[..., :-1], mask[..., :-1])
   flat_tokens, flat_mask = tokens.reshape(-1, time), mask.reshape(-1, time).astype(bool)
-  sequence, sequence_mask = prompt_and_generation(prompts, prompt_mask, tokens, mask)
-  logits, _ = forward(params, model_config, sequence, positions_from_mask(sequence_mask), sequence_mask,
-                      output_start=prompt_len - 1)
-  logits = logits[:, :time]
   token_logits = jnp.take_along_axis(logits, flat_tokens[..., None], axis=-1)[..., 0]
   log_probs = token_logits - jax.nn.logsumexp(logits, axis=-1)
   return jnp.where(flat_mask, log_probs, 0.0).reshape(batch, samples, time)
