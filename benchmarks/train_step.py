@@ -2,15 +2,19 @@
 
 For each model shape (random weights, the shipped tokenizer, the shipped sentiment reward on decoded text):
 
-- the fused step, `jax.jit(train_step.make_train_step(...))`, and its four parts, each its own jitted function
-  on the same inputs: sampling (1 policy + 2 anchor samples per prompt), scoring (3 text rewards per prompt),
-  log-probabilities (reference and anchor forwards over the policy sample) and update (forward/backward over the
-  policy sample and the Best-of-2 anchor sample, AdamW, EMA anchor);
+- the fused step, `jax.jit(train_step.make_train_step(...))`, timed over whole logging periods (`log_every` = 10
+  steps, one of which computes the metrics-only reference log-probabilities) and reported per step, and its
+  parts, each its own jitted function on the same inputs: sampling (1 policy + 2 anchor samples per prompt),
+  scoring (3 text rewards per prompt), anchor log-probabilities (over the policy sample, every step), reference
+  log-probabilities (the same forward, on logged steps only: its share of a step is 1/10 of its time) and update
+  (forward/backward over the policy sample and the Best-of-2 anchor sample, AdamW, EMA anchor);
 - model FLOPs utilisation (MFU) against the measured matmul rate of this CPU (the fastest of 2048^3 float32
-  `jnp` matmuls timed before and after each shape). FLOPs are counted analytically: 2 per matmul weight per
-  token forward (the vocab head only where logits are needed), the causal attention scores and mixing
-  (4 * layers * heads * head_dim per visible key), backward twice the forward; embedding gathers, norms,
-  softmax, sampling, rewards and the optimizer count 0;
+  `jnp` matmuls timed before and after each shape). FLOPs are counted analytically for the work the step does:
+  each prompt runs once through the layers and its samples' generated tokens after it (sampling and every
+  log-probability forward share the prompt), 2 FLOPs per matmul weight per token forward (the vocab head only
+  where logits are needed), the causal attention scores and mixing (4 * layers * heads * head_dim per visible
+  key), backward twice the forward; embedding gathers, norms, softmax, sampling, rewards and the optimizer
+  count 0;
 - the peers, on the same checkpoint, prompts (exactly `prompt_len` tokens each), batch, lengths and reward:
   TRL's GRPOTrainer (PyTorch, float32, no vLLM) and Tunix's GRPOLearner (JAX, vanilla rollout), each with 3
   generations per prompt (J-BOND also samples 3 per prompt), beta > 0 (a reference forward) and one update per
@@ -68,6 +72,7 @@ SHAPES = {
 FULL = dict(models="default,large", batch=16, prompt_len=16, new_tokens=24, repeats=3, peer_steps=5,
             bon_ns="4,16")
 QUICK = dict(models="default", batch=8, prompt_len=16, new_tokens=8, repeats=1, peer_steps=1, bon_ns="4")
+TIMED_PARTS = ("sampling", "scoring", "anchor_log_probs", "ref_log_probs", "update")
 SAMPLES_PER_PROMPT = 3  # J-BOND: 1 policy + 2 anchor samples; TRL: num_generations.
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -111,31 +116,32 @@ def forward_flops(mc: ModelConfig, tokens: int, head_tokens: int, visible_keys: 
                + 4 * mc.num_layers * mc.num_heads * mc.head_dim * visible_keys)
 
 
-def step_flops(mc: ModelConfig, batch: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
-  """Analytic FLOPs of each part of one J-BOND step (see the module docstring for what is counted)."""
+def step_flops(mc: ModelConfig, batch: int, prompt_len: int, new_tokens: int, log_every: int) -> dict[str, float]:
+  """Analytic FLOPs of each part of one J-BOND step (see the module docstring for what is counted); the
+  reference log-probabilities count at 1 / `log_every` of their work in the fused step, as they run."""
   p, t = prompt_len, new_tokens
   triangle = lambda n: n * (n + 1) // 2  # noqa: E731  (causal (query, key) pairs of n tokens)
 
-  def sample_flops(samples: int) -> float:
-    # One prefill per prompt (shared by its samples), then new_tokens - 1 one-token decode steps per sample.
-    prefill = forward_flops(mc, batch * p, batch, batch * triangle(p))
-    decode_keys = batch * samples * sum(p + j for j in range(1, t))
-    return prefill + forward_flops(mc, batch * samples * (t - 1), batch * samples * (t - 1), decode_keys)
-
-  def sequences_forward(samples: int) -> float:
-    return forward_flops(mc, batch * samples * (p + t), batch * samples * t, batch * samples * triangle(p + t))
+  def shared_prompt_forward(samples: int) -> float:
+    # One prompt forward per prompt, then the t - 1 generated tokens that are fed back, of every sample, over the
+    # prompt's cache; t predicting positions per sample through the head (sampling: the same tokens, one by one).
+    tokens = batch * p + batch * samples * (t - 1)
+    keys = batch * triangle(p) + batch * samples * sum(p + j for j in range(1, t))
+    return forward_flops(mc, tokens, batch * samples * t, keys)
 
   parts = {
-      "sampling": sample_flops(1) + sample_flops(2),
+      "sampling": shared_prompt_forward(1) + shared_prompt_forward(2),
       "scoring": 0.0,
-      "log_probs": 2 * sequences_forward(1),
-      "update": 3 * sequences_forward(2),
+      "anchor_log_probs": shared_prompt_forward(1),
+      "ref_log_probs": shared_prompt_forward(1),
+      "update": 3 * shared_prompt_forward(2),
   }
-  return parts | {"fused_step": sum(parts.values())}
+  fused = sum(v for k, v in parts.items() if k != "ref_log_probs") + parts["ref_log_probs"] / log_every
+  return parts | {"fused_step": fused}
 
 
 def jbond_parts(config, mc: ModelConfig, reward_fn, optimizer):
-  """The four parts of the J-BOND step as jitted functions, in the order and with the work of `train_step`."""
+  """The parts of the J-BOND step as jitted functions, in the order and with the work of `train_step`."""
   policy_sampling = train_step_lib.sampling_config(config, mc, 1)
   anchor_sampling = train_step_lib.sampling_config(config, mc, 2)
   log_probs = lambda params, batch, out: train_step_lib.sequence_log_probs(params, mc, batch, out)  # noqa: E731
@@ -154,8 +160,12 @@ def jbond_parts(config, mc: ModelConfig, reward_fn, optimizer):
                  for out in (policy_out, anchor_out))
 
   @jax.jit
-  def reference_and_anchor_log_probs(state, ref_params, batch, policy_out):
-    return log_probs(ref_params, batch, policy_out), log_probs(state.anchor_params, batch, policy_out)
+  def anchor_log_probs(state, batch, policy_out):
+    return log_probs(state.anchor_params, batch, policy_out)
+
+  @jax.jit
+  def ref_log_probs(ref_params, batch, policy_out):
+    return log_probs(ref_params, batch, policy_out)
 
   @jax.jit
   def update(state, batch, policy_out, anchor_out, policy_rewards, anchor_rewards, anchor_log_probs):
@@ -176,7 +186,7 @@ def jbond_parts(config, mc: ModelConfig, reward_fn, optimizer):
     return state.replace(params=params, anchor_params=anchor.ema_update(state.anchor_params, params, bond.eta),
                          opt_state=opt_state, step=state.step + 1)
 
-  return sample, score, reference_and_anchor_log_probs, update
+  return sample, score, anchor_log_probs, ref_log_probs, update
 
 
 def setup(shape: str, settings: dict, seed: int = 0):
@@ -200,27 +210,29 @@ def time_jbond(config, mc, params, reward_fn, optimizer, batch, repeats: int) ->
   """(seconds of each part and of the fused step, sampled tokens of one fused step)."""
   state = train_state_lib.create_train_state(params, optimizer, seed=0)
   rng = jax.random.key(1)
-  sample, score, reference_and_anchor_log_probs, update = jbond_parts(config, mc, reward_fn, optimizer)
+  sample, score, anchor_log_probs, ref_log_probs, update = jbond_parts(config, mc, reward_fn, optimizer)
   policy_out, anchor_out = sample(state, batch, rng)
   policy_rewards, anchor_rewards = score(batch, policy_out, anchor_out)
-  _, anchor_log_probs = reference_and_anchor_log_probs(state, params, batch, policy_out)
+  policy_anchor_log_probs = anchor_log_probs(state, batch, policy_out)
   run = lambda fn, *args: lambda: jax.block_until_ready(fn(*args))  # noqa: E731
   seconds = {
       "sampling": median_seconds(run(sample, state, batch, rng), repeats),
       "scoring": median_seconds(run(score, batch, policy_out, anchor_out), repeats),
-      "log_probs": median_seconds(run(reference_and_anchor_log_probs, state, params, batch, policy_out), repeats),
+      "anchor_log_probs": median_seconds(run(anchor_log_probs, state, batch, policy_out), repeats),
+      "ref_log_probs": median_seconds(run(ref_log_probs, params, batch, policy_out), repeats),
       "update": median_seconds(run(update, state, batch, policy_out, anchor_out, policy_rewards, anchor_rewards,
-                                   anchor_log_probs), repeats),
+                                   policy_anchor_log_probs), repeats),
   }
   step = jax.jit(train_step_lib.make_train_step(config, mc, reward_fn, optimizer), donate_argnums=0)
   # A copy: the step donates its state, and `state.params` is `params`, which the step also reads as the reference.
   holder = {"state": jax.tree.map(jnp.copy, state)}
 
-  def fused():
-    holder["state"], metrics = step(holder["state"], params, batch)
+  def logging_period():
+    for _ in range(config.log_every):
+      holder["state"], metrics = step(holder["state"], params, batch)
     holder["metrics"] = jax.block_until_ready(metrics)
 
-  seconds["fused_step"] = median_seconds(fused, repeats)
+  seconds["fused_step"] = median_seconds(logging_period, repeats) / config.log_every
   return seconds, float(holder["metrics"]["tokens/generated"])
 
 
@@ -339,14 +351,18 @@ def main():
         f"{peak / 1e9:.1f} GFLOP/s; batch {batch_size}, prompt {prompt_len}, new tokens {new_tokens}, "
         f"{SAMPLES_PER_PROMPT} samples/prompt ({sampled_tokens} sampled tokens/step), median of {repeats}")
   results = {"settings": settings, "matmul_gflops": round(peak / 1e9, 2), "models": {}}
+  log_every = run_config.base_config().log_every
+  # How often each part runs per step: the reference log-probabilities only on logged steps.
+  per_step = {part: 1 / log_every if part == "ref_log_probs" else 1.0 for part in TIMED_PARTS}
   for shape, (num_params, mc, seconds, generated, peers) in measured.items():
-    flops = step_flops(mc, batch_size, prompt_len, new_tokens)
+    flops = step_flops(mc, batch_size, prompt_len, new_tokens, log_every)
     print(f"\n{shape}: {num_params / 1e6:.2f}M params {SHAPES[shape]}")
-    print(f"{'part':<12} {'seconds':>9} {'of step':>8} {'GFLOP':>8} {'MFU':>7}")
+    print(f"{'part':<16} {'seconds':>9} {'runs/step':>9} {'of step':>8} {'GFLOP':>8} {'MFU':>7}")
     for part, s in seconds.items():
-      print(f"{part:<12} {s:>9.4f} {s / seconds['fused_step']:>8.1%} {flops[part] / 1e9:>8.3f} "
+      runs = per_step.get(part, 1.0)
+      print(f"{part:<16} {s:>9.4f} {runs:>9.2g} {runs * s / seconds['fused_step']:>8.1%} {flops[part] / 1e9:>8.3f} "
             f"{flops[part] / s / peak:>7.2%}")
-    parts_sum = sum(s for part, s in seconds.items() if part != "fused_step")
+    parts_sum = sum(per_step[part] * s for part, s in seconds.items() if part != "fused_step")
     jbond_rate = sampled_tokens / seconds["fused_step"]
     print(f"sum of parts {parts_sum:.4f} s; J-BOND {jbond_rate:.1f} sampled tokens/s "
           f"({generated / (batch_size * SAMPLES_PER_PROMPT):.1f} of {new_tokens} tokens per sample before EOS)")

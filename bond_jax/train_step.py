@@ -13,6 +13,9 @@ Per prompt and algorithm:
 The anchor then moves by its mode: `ema` (every step, rate η), `periodic` (copied every `anchor_period` steps)
 or `fixed` (stays at the reference). A step whose loss or gradient is not finite leaves params, anchor and
 optimizer state untouched and reports `nonfinite = 1`.
+
+`log π_ref` of the samples is needed by REINFORCE's loss but only by a metric (`kl/policy_ref`) of J-BOND and
+BOND, so those compute it on logged steps only (`is_log_step`) and report NaN for it on the others.
 """
 
 from collections.abc import Callable
@@ -44,6 +47,14 @@ def samples_per_prompt(config: ml_collections.ConfigDict) -> tuple[int, int]:
   if config.algorithm == "bond":
     return config.bond.num_policy_samples, config.bond.num_anchor_samples
   return config.bond.num_policy_samples, 0
+
+
+def is_log_step(config: ml_collections.ConfigDict, step):
+  """Whether the trainer records the metrics of `step` (1-based): every `log_every` steps and the last one.
+
+  Works on Python ints and on traced int arrays alike.
+  """
+  return (step % config.log_every == 0) | (step == config.num_steps)
 
 
 def sampling_config(config: ml_collections.ConfigDict, model_config: ModelConfig, num_samples: int,
@@ -135,7 +146,6 @@ def make_train_step(config: ml_collections.ConfigDict, model_config: ModelConfig
     prompts, prompt_mask = batch["prompts"], batch["prompt_mask"]
     policy_out = sampling.sample(state.params, prompts, prompt_mask, policy_rng, policy_sampling, model_config)
     policy_rewards = reward_fn(prompts, prompt_mask, policy_out.tokens, policy_out.mask)
-    ref_log_probs = log_probs(ref_params, batch=batch, out=policy_out)
     metrics = {
         "reward/policy": jnp.mean(policy_rewards),
         "entropy/sequence": -jnp.mean(jnp.sum(policy_out.log_probs, axis=-1)),
@@ -144,6 +154,8 @@ def make_train_step(config: ml_collections.ConfigDict, model_config: ModelConfig
     }
 
     if config.algorithm == "reinforce":
+      ref_log_probs = log_probs(ref_params, batch=batch, out=policy_out)
+
       def loss_fn(p):
         policy_log_probs = log_probs(p, batch=batch, out=policy_out)
         loss, loss_metrics = losses.reinforce_loss(policy_log_probs, ref_log_probs, policy_rewards,
@@ -158,6 +170,9 @@ def make_train_step(config: ml_collections.ConfigDict, model_config: ModelConfig
     best_index = _best_of_groups(anchor_rewards, n)
     best = _take_samples(anchor_out, best_index)
     anchor_log_probs = log_probs(state.anchor_params, batch=batch, out=policy_out)
+    ref_log_probs = jax.lax.cond(is_log_step(config, state.step + 1),
+                                 lambda: log_probs(ref_params, batch=batch, out=policy_out),
+                                 lambda: jnp.full(anchor_log_probs.shape, jnp.nan, anchor_log_probs.dtype))
     p_lt, p_le = quantiles.reward_quantiles(policy_rewards, anchor_rewards)
     metrics |= {
         "reward/anchor": jnp.mean(anchor_rewards),
