@@ -1,13 +1,22 @@
-"""Train-state checkpoints with orbax: periodic (async) saves, keep-last-k, and a restore that skips bad ones.
+"""Train-state checkpoints with orbax: periodic (async) saves, keep-last-k, and a restore that checks before it reads.
 
 A checkpoint holds two items: `state` (the `TrainState` pytree, sharded arrays included) and `data` (the
 prompt iterator's JSON position), so a resumed run sees exactly the prompts an uninterrupted one would.
-Orbax writes each step into a temporary directory and renames it when complete, so a save cut short by a crash
-never looks like a checkpoint; one that is still unreadable (truncated files, another model's shapes) is
-reported and the previous one is used.
+
+A run killed at any moment leaves only complete checkpoints among the step directories:
+- orbax writes each step into a temporary directory and renames it when complete, so a save cut short never
+  looks like a checkpoint (the next run deletes it);
+- an old step past `keep` is first renamed into `deleting/` (one atomic rename) and deleted from there, so a
+  deletion cut short leaves a half-deleted directory only in `deleting/`, which the next run empties.
+A checkpoint whose tree and shapes match the run but whose files still cannot be read (truncated or missing array
+files) is reported, moved to `<directory>_unreadable/`, and the previous one is used. One whose tree or shapes do
+not match (another model's workdir, or a changed config) is the user's to resolve: `restore_latest` raises
+`CheckpointMismatchError` naming the differences and changes nothing.
 """
 
 import os
+import shutil
+import threading
 import time
 from typing import Any
 
@@ -16,10 +25,17 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+# Orbax's `todelete_subdir`: old steps are renamed into it, then deleted. Not a number, so never taken for a step.
+DELETING_SUBDIR = "deleting"
+_MAX_LISTED_MISMATCHES = 6
 
 
 class CheckpointMismatchError(ValueError):
-  """Every checkpoint in the directory is unreadable or does not match the run's train state."""
+  """A checkpoint's tree or shapes do not match the run's train state, or no checkpoint can be read at all."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """A checkpoint that matches the run's train state has files that cannot be read (truncated, missing)."""
 
 
 class Checkpointer:
@@ -31,15 +47,28 @@ class Checkpointer:
     >>> state, data_state = ckpt.restore_latest(abstract_state)   # None when there is no checkpoint
   """
 
-  def __init__(self, directory: str, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, keep: int, async_save: bool = True, read_only: bool = False):
+    """Opens `directory`, deleting what a killed run left unfinished there (unless `read_only`).
+
+    Args:
+      directory: where the step directories are.
+      keep: how many recent checkpoints to keep.
+      async_save: whether `save` returns before the checkpoint is on disk.
+      read_only: only restore, changing nothing on disk (e.g. to inspect the checkpoints of a run in progress).
+    """
     self._directory = os.path.abspath(directory)
+    self._primary = jax.process_index() == 0 and not read_only
+    self._purge = None
+    if self._primary:
+      # Before orbax renames any step into `deleting/`: a leftover of the same step there would block the rename.
+      self._purge_deleting()
+    options = (ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0) if read_only else
+               ocp.CheckpointManagerOptions(
+                   max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                   cleanup_tmp_directories=True, todelete_subdir=DELETING_SUBDIR))
     self._manager = ocp.CheckpointManager(
-        self._directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True),
-        item_names=("state", "data"),
-    )
+        self._directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state: Any, data_state: dict) -> None:
     """Starts saving `state` and `data_state` as `step` (asynchronously: call `wait` before relying on it)."""
@@ -47,6 +76,11 @@ class Checkpointer:
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
         force=True)
+    # The save above first waited for the previous one, which moved the steps past `keep` into `deleting/`.
+    if self._primary:
+      self._wait_for_purge()
+      self._purge = threading.Thread(target=self._purge_deleting, name="bond_jax_checkpoint_purge", daemon=True)
+      self._purge.start()
 
   def wait(self) -> None:
     """Blocks until any save in flight is on disk."""
@@ -55,38 +89,76 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
-    """Restores the newest readable checkpoint; None if there are none.
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores the checkpoint at `step`, after checking its tree and shapes against `abstract_state`.
 
     Args:
+      step: a step of `steps()`.
       abstract_state: the train state's structure as `jax.ShapeDtypeStruct`s carrying the target shardings
         (e.g. `jax.eval_shape` of the init with `sharding` set).
 
+    Returns:
+      `(state, data_state)`.
+
     Raises:
-      CheckpointMismatchError: checkpoints exist but none can be restored into `abstract_state`; the message
-        names each step and why.
+      CheckpointMismatchError: the checkpoint's tree or shapes differ from `abstract_state`'s (no array is read);
+        the message names the first few differences.
+      UnreadableCheckpointError: its files cannot be read.
+
+    Example:
+      >>> state, data_state = Checkpointer(directory, keep=3, read_only=True).restore(100, abstract_state)
     """
-    failures, unreadable_steps = [], []
+    # Cut or missing files surface as ValueError (from TensorStore, which reads the arrays' metadata, or from the JSON
+    # parser) or OSError, and a checkpoint without a `state` item as KeyError.
+    try:
+      saved = self._manager.item_metadata(step)["state"]
+    except (OSError, ValueError, KeyError) as e:
+      raise UnreadableCheckpointError(f"step {step}: {type(e).__name__}: {e}") from e
+    if saved is None:
+      raise UnreadableCheckpointError(f"step {step}: the train state's tree metadata is missing")
+    mismatches = _mismatches(_shapes(saved), _shapes(abstract_state))
+    if mismatches:
+      listed = mismatches[:_MAX_LISTED_MISMATCHES]
+      more = len(mismatches) - len(listed)
+      raise CheckpointMismatchError(
+          f"the checkpoint at step {step} in {self._directory} does not match this run's train state (another "
+          f"model's workdir, or a changed config?): {'; '.join(listed)}" + (f"; and {more} more" if more else ""))
+    # The tree and shapes match, so what fails now is reading the files. Orbax re-raises TensorStore read errors
+    # (truncated or corrupt array files) as a bare `Exception`, and a missing or cut `data` item as KeyError or
+    # ValueError.
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise UnreadableCheckpointError(f"step {step}: {type(e).__name__}: {e}") from e
+    return restored["state"], restored["data"]
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
+    """Restores the newest readable checkpoint; None if there are none.
+
+    Unreadable checkpoints newer than it are logged and moved to `<directory>_unreadable/`.
+
+    Args:
+      abstract_state: as for `restore`.
+
+    Raises:
+      CheckpointMismatchError: the newest checkpoint that can be checked does not match `abstract_state` (nothing
+        is moved), or none can be read (the message names each step and why).
+    """
+    failures = []
     for step in reversed(self.steps()):
-      # Orbax re-raises TensorStore read errors (truncated or missing array files) as a bare `Exception`, so an
-      # unreadable checkpoint can surface as any exception type; each one is logged and, if none restores,
-      # reported in full.
       try:
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-      except Exception as e:  # pylint: disable=broad-exception-caught
-        logging.warning("Checkpoint at step %d is unreadable (%s: %s); trying the previous one.",
-                        step, type(e).__name__, e)
-        failures.append(f"step {step}: {type(e).__name__}: {e}")
-        unreadable_steps.append(step)
+        restored = self.restore(step, abstract_state)
+      except UnreadableCheckpointError as e:
+        logging.warning("Checkpoint at step %d is unreadable (%s); trying the previous one.", step, e)
+        failures.append((step, str(e)))
         continue
-      if unreadable_steps:
-        self._set_aside(unreadable_steps)
-      return restored["state"], restored["data"]
+      if failures:
+        self._set_aside([step for step, _ in failures])
+      return restored
     if failures:
       raise CheckpointMismatchError(
-          "No checkpoint could be restored into this run's train state:\n  " + "\n  ".join(failures))
+          f"no checkpoint in {self._directory} can be read: " + "; ".join(reason for _, reason in failures))
     return None
 
   def _set_aside(self, steps: list[int]) -> None:
@@ -103,9 +175,51 @@ class Checkpointer:
     multihost_utils.sync_global_devices("bond_jax_checkpoints_set_aside")
     self._manager.reload()
 
+  def _purge_deleting(self) -> None:
+    """Deletes the old steps orbax renamed into `deleting/` (a kill half-way leaves the rest to the next run)."""
+    deleting = os.path.join(self._directory, DELETING_SUBDIR)
+    if os.path.isdir(deleting):
+      for name in os.listdir(deleting):
+        shutil.rmtree(os.path.join(deleting, name))
+
+  def _wait_for_purge(self) -> None:
+    if self._purge is not None:
+      self._purge.join()
+      self._purge = None
+
   def close(self) -> None:
     self.wait()
     self._manager.close()
+    if self._primary:
+      self._wait_for_purge()
+      self._purge_deleting()  # What the last save moved there.
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Leaf path ("params/layer_0/attn/q/kernel") -> shape, for a train state or a checkpoint's tree metadata."""
+  return {path: tuple(leaf.shape) for path, leaf in ocp.tree.to_flat_dict(tree, sep="/").items()}
+
+
+def _absent_subtrees(paths: set[str], present: set[str]) -> list[str]:
+  """The largest subtrees holding `paths` with no path of `present` in them ("anchor_params" for all its leaves)."""
+  present_prefixes = {"/".join(parts[:i]) for parts in (p.split("/") for p in present)
+                      for i in range(1, len(parts) + 1)}
+  absent = set()
+  for path in paths:
+    parts = path.split("/")
+    prefixes = ("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    absent.add(next((prefix for prefix in prefixes if prefix not in present_prefixes), path))
+  return sorted(absent)
+
+
+def _mismatches(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> list[str]:
+  """What differs between a checkpoint's leaf shapes and the run's, one phrase per difference."""
+  missing = _absent_subtrees(expected.keys() - saved.keys(), set(saved))
+  extra = _absent_subtrees(saved.keys() - expected.keys(), set(expected))
+  return ([f"{path} is missing from the checkpoint" for path in missing]
+          + [f"{path} is in the checkpoint but not in this run" for path in extra]
+          + [f"{path}: checkpoint {saved[path]} vs this run {shape}"  # In the run's tree order: params first.
+             for path, shape in expected.items() if path in saved and saved[path] != shape])
 
 
 def abstract_like(tree: Any) -> Any:

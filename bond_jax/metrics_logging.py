@@ -30,8 +30,10 @@ def _drop_records_after(path: str, step: int) -> None:
         continue
       if record["step"] <= step:
         kept.append(line)
-  with open(path, "w", encoding="utf-8") as f:
+  # Written aside and renamed over the file: a kill half-way must not lose the records the resumed run keeps.
+  with open(f"{path}.tmp", "w", encoding="utf-8") as f:
     f.writelines(kept)
+  os.replace(f"{path}.tmp", path)
 
 
 class MetricsWriter:
@@ -44,14 +46,15 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str, resume_step: int = 0):
-    """Opens the sinks; `resume_step` drops records past it (logged after the checkpoint a run resumes from)."""
+    """Opens the sinks; `resume_step` drops records past it (logged after the checkpoint a run resumes from): from
+    metrics.jsonl, and from what TensorBoard shows of the event files."""
     self._active = jax.process_index() == 0
     if self._active:
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, "metrics.jsonl")
       _drop_records_after(path, resume_step)
       self._jsonl = open(path, "a", encoding="utf-8")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, step: int, metrics: Mapping[str, object]) -> None:
     if not self._active:

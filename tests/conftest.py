@@ -1,5 +1,10 @@
-"""Test set-up: 8 simulated CPU devices, so sharding code is tested everywhere."""
+"""Test set-up: 8 simulated CPU devices, so sharding code is tested everywhere; a tally of the faults tests inject.
 
+At the end of a run that injected faults, pytest prints how many of each kind were injected and how many the code
+survived with nothing lost, and writes them as JSON to the file `$BOND_FAULT_REPORT` names, if set.
+"""
+
+import json
 import os
 
 import pytest
@@ -30,9 +35,58 @@ def prompt_data_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def full_run(tiny_policy_dir, prompt_data_dir, tmp_path_factory):
-  """`(config, workdir, report)` of an uninterrupted tiny run (`tiny_run.FULL_RUN`) on this process's devices."""
+  """`(config, workdir, report, compiles)` of an uninterrupted tiny run (`tiny_run.FULL_RUN`) on this process's
+  devices; `compiles` counts the XLA compilations from its second step on (`tiny_run.train_counting_compiles`)."""
   import tiny_run  # pylint: disable=g-import-not-at-top
-  from bond_jax import trainer  # pylint: disable=g-import-not-at-top
   config = tiny_run.tiny_config(tiny_policy_dir, prompt_data_dir, **tiny_run.FULL_RUN)
   workdir = str(tmp_path_factory.mktemp("full_run"))
-  return config, workdir, trainer.train(config, workdir)
+  return config, workdir, *tiny_run.train_counting_compiles(config, workdir)
+
+
+class FaultTally:
+  """Faults injected by the suite, and how many of them were survived with nothing lost, by kind.
+
+  Record a fault as survived only after asserting that nothing was lost. A test may record the injection first
+  and the survival once its final checks pass (`injected=0`), so that a failed test shows what it injected.
+
+  Example:
+    >>> def test_truncated_array_file(fault_tally):
+    ...   ...  # Inject the fault, recover, assert that the restored state equals the saved one.
+    ...   fault_tally.record("checkpoint: truncated array files", injected=1, survived=1)
+  """
+
+  def __init__(self):
+    self.counts: dict[str, dict[str, int]] = {}
+
+  def record(self, kind: str, injected: int, survived: int) -> None:
+    counts = self.counts.setdefault(kind, {"injected": 0, "survived": 0})
+    counts["injected"] += injected
+    counts["survived"] += survived
+    if not 0 <= counts["survived"] <= counts["injected"]:
+      raise ValueError(f"fault kind {kind!r}: {counts['survived']} survived of {counts['injected']} injected")
+
+
+_FAULT_TALLY = pytest.StashKey[FaultTally]()
+
+
+@pytest.fixture(scope="session")
+def fault_tally(request) -> FaultTally:
+  """The session's `FaultTally`, reported at the end of the run."""
+  return request.config.stash.setdefault(_FAULT_TALLY, FaultTally())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+  del exitstatus
+  counts = config.stash.get(_FAULT_TALLY, FaultTally()).counts
+  path = os.environ.get("BOND_FAULT_REPORT")
+  if path:
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(counts, f, indent=2, sort_keys=True)
+  if not counts:
+    return
+  terminalreporter.section("faults injected / survived with nothing lost")
+  width = max(len(kind) for kind in counts)
+  terminalreporter.line(f"{'kind':<{width}}  injected  survived")
+  for kind, row in sorted(counts.items()):
+    lost = "" if row["survived"] == row["injected"] else "  <- not all survived"
+    terminalreporter.line(f"{kind:<{width}}  {row['injected']:>8}  {row['survived']:>8}{lost}")

@@ -43,7 +43,7 @@ def test_two_processes_match_one_process(tiny_policy_dir, tmp_path, request):
           cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
   try:
     # The same run in this process (8 devices), while the two processes work (unless an earlier test made it).
-    _, reference, summary = request.getfixturevalue("full_run")
+    _, reference, summary, _ = request.getfixturevalue("full_run")
     deadline = time.monotonic() + TIMEOUT_S
     # Stop at the first failure: its peer would wait in a collective forever.
     while any(p.poll() is None for p in processes) and not any(p.poll() for p in processes):

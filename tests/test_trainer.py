@@ -1,5 +1,5 @@
 """The trainer on a tiny random policy: sharded steps against one device, every algorithm and anchor mode, resume
-(also past an unreadable checkpoint), SIGTERM, and the output files."""
+(also past an unreadable checkpoint) and the output files (SIGTERM and kills: test_interruption.py)."""
 
 import functools
 import glob
@@ -7,59 +7,21 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from bond_jax import run_components
 from bond_jax import sharding
-from bond_jax import train_state as train_state_lib
-from bond_jax import train_step as train_step_lib
 from bond_jax import trainer
 import tiny_run
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def components(tiny_policy_dir, prompt_data_dir, tmp_path_factory):
   """The reference params, model config, text reward and one training batch of the tiny run."""
   config = tiny_run.tiny_config(tiny_policy_dir, prompt_data_dir)
-  ref_params, model_config, tokenizer = run_components.load_policy(config)
-  reward_fn = run_components.load_reward(config, tokenizer)
-  train_prompts, _ = run_components.load_prompts(config, tokenizer, model_config,
-                                                 str(tmp_path_factory.mktemp("unused")))
-  batch = {k: v for k, v in next(train_prompts).items() if k in ("prompts", "prompt_mask")}
-  return ref_params, model_config, reward_fn, batch
-
-
-def run_steps(config, mesh, components, num_steps):
-  """`num_steps` jitted train steps on `mesh` as the trainer shards them (same batch each step): host copies
-  of the initial state and of (state, metrics) after each step."""
-  ref_params, model_config, reward_fn, batch = components
-  optimizer = train_state_lib.make_optimizer(config.optimizer)
-  ref_params, param_shardings, state, state_shardings = trainer.sharded_train_state(config, ref_params, optimizer,
-                                                                                    mesh)
-  batch_sharding = sharding.batch_sharding(mesh, 2)
-  step = jax.jit(train_step_lib.make_train_step(config, model_config, reward_fn, optimizer),
-                 in_shardings=(state_shardings, param_shardings, {k: batch_sharding for k in batch}),
-                 out_shardings=(state_shardings, None))
-  batch = jax.device_put(batch, batch_sharding)
-  history = []
-  initial = jax.device_get(state)
-  for _ in range(num_steps):
-    state, metrics = step(state, ref_params, batch)
-    history.append(jax.device_get((state, metrics)))
-  return initial, history
-
-
-def one_device_mesh():
-  return sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  return tiny_run.load_components(config, str(tmp_path_factory.mktemp("unused")))
 
 
 def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
@@ -69,12 +31,12 @@ def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
 @pytest.fixture(scope="module")
 def jbond_one_device(tiny_policy_dir, components):
   config = tiny_run.tiny_config(tiny_policy_dir, **{"bond.eta": 0.5})
-  return config, run_steps(config, one_device_mesh(), components, num_steps=2)
+  return config, tiny_run.run_steps(config, tiny_run.one_device_mesh(), components, num_steps=2)
 
 
 def test_step_on_data_fsdp_tensor_mesh_matches_one_device(jbond_one_device, components):
   config, (_, one_device) = jbond_one_device
-  _, sharded = run_steps(config, sharding.make_mesh((2, 2, 2)), components, num_steps=2)
+  _, sharded = tiny_run.run_steps(config, sharding.make_mesh((2, 2, 2)), components, num_steps=2)
   for (state, metrics), (expected_state, expected_metrics) in zip(sharded, one_device):
     assert_trees_close(state.params, expected_state.params)
     assert_trees_close(state.anchor_params, expected_state.anchor_params)
@@ -122,15 +84,21 @@ def test_jbond_steps_and_ema_anchor(jbond_one_device):
 def test_algorithm_steps_and_anchor_modes(algorithm, anchor, tiny_policy_dir, components):
   config = tiny_run.tiny_config(tiny_policy_dir, algorithm=algorithm, **{
       "bond.anchor": anchor, "bond.anchor_period": 2, "bond.eta": 0.5})
-  initial, history = run_steps(config, one_device_mesh(), components, num_steps=2)
+  initial, history = tiny_run.run_steps(config, tiny_run.one_device_mesh(), components, num_steps=2)
   check_step_metrics(history)
   assert not np.allclose(history[-1][0].params["embedder"]["embedding"], initial.params["embedder"]["embedding"])
   if algorithm == "bond":
     check_anchor_rule(config, initial, history)
 
 
+def test_no_step_compiles_again(full_run):
+  """The steps are compiled once, before the loop: a step that compiled again would cost a compile per step."""
+  *_, compiles = full_run
+  assert compiles == 0
+
+
 def test_output_files(full_run):
-  config, workdir, summary = full_run
+  config, workdir, summary, _ = full_run
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     records = [json.loads(line) for line in f]
   assert all(isinstance(r["step"], int) for r in records)
@@ -159,7 +127,7 @@ def test_output_files(full_run):
 # Orbax's reader of the truncated checkpoint leaves a callback for an event loop it has closed.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_resume_past_an_unreadable_checkpoint_matches_an_uninterrupted_run(full_run, tmp_path, caplog):
-  config, workdir, summary = full_run
+  config, workdir, summary, _ = full_run
   resumed = str(tmp_path / "resumed")
   shutil.copytree(workdir, resumed)
   os.remove(os.path.join(resumed, "report.json"))
@@ -188,56 +156,3 @@ def test_resume_past_an_unreadable_checkpoint_matches_an_uninterrupted_run(full_
   assert int(final_state.step) == int(expected_state.step) == config.num_steps
   assert_trees_close(final_state.params, expected_state.params)
   assert_trees_close(final_state.anchor_params, expected_state.anchor_params)
-
-
-def _train_steps_logged(workdir: str) -> list[int]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line)["step"] for line in f if line.endswith("\n") and "loss/total" in line]
-
-
-@pytest.mark.slow
-def test_sigterm_checkpoints_and_a_rerun_resumes(tiny_policy_dir, prompt_data_dir, tmp_path):
-  workdir = str(tmp_path / "run")
-  # Checkpointing every step, the stop always comes right after the save of its step.
-  config = tiny_run.tiny_config(tiny_policy_dir, prompt_data_dir, num_steps=100_000)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  log = str(tmp_path / "run.log")
-  with open(log, "w", encoding="utf-8") as out:
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "experiments", "run.py"),
-         "--config=" + os.path.join(REPO, "configs", "default.py"), f"--workdir={workdir}",
-         *tiny_run.command_line_flags(config)],
-        cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-  try:
-    deadline = time.monotonic() + 240
-    while not _train_steps_logged(workdir):
-      assert process.poll() is None, "the run ended before logging a step"
-      assert time.monotonic() < deadline, "no step was logged in time"
-      time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
-  finally:
-    if process.poll() is None:
-      process.kill()
-      process.wait()
-  with open(log, encoding="utf-8") as f:
-    output = f.read()
-  assert process.returncode == 0, output[-3000:]
-  assert "SIGTERM received" in output
-
-  stopped_at = _train_steps_logged(workdir)[-1]
-  assert _train_steps_logged(workdir) == list(range(1, stopped_at + 1))
-  assert max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == stopped_at
-  state, data_state = tiny_run.restore_train_state(workdir, config)
-  assert int(state.step) == stopped_at
-  assert data_state["train"]["counts"]["yielded"] == stopped_at * config.batch_size
-  assert not os.path.exists(os.path.join(workdir, "report.json"))
-
-  config.num_steps = stopped_at + 1
-  trainer.train(config, workdir)
-  assert _train_steps_logged(workdir) == list(range(1, stopped_at + 2))
-  assert os.path.exists(os.path.join(workdir, "report.json"))
-  assert int(tiny_run.restore_train_state(workdir, config)[0].step) == stopped_at + 1

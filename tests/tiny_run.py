@@ -4,13 +4,19 @@ import functools
 import json
 import os
 import shutil
+from unittest import mock
 
 import jax
+import jax.numpy as jnp
 
 from bond_jax import checkpointing
+from bond_jax import metrics_logging
 from bond_jax import run_components
 from bond_jax import run_config
+from bond_jax import sharding
 from bond_jax import train_state
+from bond_jax import train_step
+from bond_jax import trainer
 from bond_jax.models import hf
 from bond_jax.models import transformer
 from bond_jax.models.config import ModelConfig
@@ -27,6 +33,20 @@ def write_tiny_policy(path: str) -> str:
   for name in os.listdir(default_assets.TOKENIZER_DIR):
     shutil.copy(os.path.join(default_assets.TOKENIZER_DIR, name), path)
   return path
+
+
+def even_token_reward(prompts, prompt_mask, generations, generation_mask):
+  """The share of generated tokens with an even id: a jittable reward for `--config.reward.kind=python_tokens`.
+
+  Unlike the default text reward it runs no host callback, so the programs of a run using it can be stored in
+  JAX's persistent compilation cache and a restarted run compiles nothing.
+
+  Example:
+    >>> even_token_reward(jnp.zeros((1, 2), int), jnp.ones((1, 2), bool), jnp.array([[2, 3]]), jnp.ones((1, 2), bool))
+  """
+  del prompts, prompt_mask
+  even = (generations % 2 == 0) & generation_mask
+  return jnp.sum(even, axis=1) / jnp.maximum(jnp.sum(generation_mask, axis=1), 1)
 
 
 # A 4-step run checkpointing every step, on a mesh whose fsdp axis spans both processes of test_multihost.
@@ -65,17 +85,32 @@ def tiny_config(policy_dir: str, data_dir: str = "", **overrides):
   return config
 
 
-def restore_train_state(workdir: str, config):
-  """The newest readable checkpoint of a run in `workdir`, as host arrays: `(TrainState, data_state)` or None."""
+def abstract_train_state(config):
+  """The train state of a run of `config` as `jax.ShapeDtypeStruct`s on this process's first device."""
   ref_params, _, _ = run_components.load_policy(config)
   init = functools.partial(train_state.create_train_state, optimizer=train_state.make_optimizer(config.optimizer),
                            seed=config.seed)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          jax.eval_shape(init, ref_params))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                      jax.eval_shape(init, ref_params))
+
+
+def restore_train_state(workdir: str, config):
+  """The newest readable checkpoint of a run in `workdir`, as host arrays: `(TrainState, data_state)` or None."""
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=100, async_save=False)
   try:
-    return jax.device_get(checkpointer.restore_latest(abstract))
+    return jax.device_get(checkpointer.restore_latest(abstract_train_state(config)))
+  finally:
+    checkpointer.close()
+
+
+def restore_every_checkpoint(workdir: str, config) -> dict[int, tuple]:
+  """Every checkpoint of a run in `workdir` by step, as host arrays, changing nothing on disk (raises if one is
+  unreadable)."""
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=100, read_only=True)
+  abstract = abstract_train_state(config)
+  try:
+    return {step: jax.device_get(checkpointer.restore(step, abstract)) for step in checkpointer.steps()}
   finally:
     checkpointer.close()
 
@@ -109,3 +144,71 @@ def train_records(workdir: str) -> dict[int, dict]:
 def read_report(workdir: str) -> dict:
   with open(os.path.join(workdir, "report.json"), encoding="utf-8") as f:
     return json.load(f)
+
+
+def load_components(config, workdir: str):
+  """The reference params, model config, reward and first training batch (prompts and mask) of a run of `config`."""
+  ref_params, model_config, tokenizer = run_components.load_policy(config)
+  reward_fn = run_components.load_reward(config, tokenizer)
+  train_prompts, _ = run_components.load_prompts(config, tokenizer, model_config, workdir)
+  batch = {k: v for k, v in next(train_prompts).items() if k in ("prompts", "prompt_mask")}
+  return ref_params, model_config, reward_fn, batch
+
+
+def one_device_mesh():
+  return sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+def run_steps(config, mesh, components, num_steps):
+  """`num_steps` jitted train steps on `mesh` as the trainer shards them (same batch each step): host copies
+  of the initial state and of (state, metrics) after each step."""
+  ref_params, model_config, reward_fn, batch = components
+  optimizer = train_state.make_optimizer(config.optimizer)
+  ref_params, param_shardings, state, state_shardings = trainer.sharded_train_state(config, ref_params, optimizer,
+                                                                                    mesh)
+  batch_sharding = sharding.batch_sharding(mesh, 2)
+  step = jax.jit(train_step.make_train_step(config, model_config, reward_fn, optimizer),
+                 in_shardings=(state_shardings, param_shardings, {k: batch_sharding for k in batch}),
+                 out_shardings=(state_shardings, None))
+  batch = jax.device_put(batch, batch_sharding)
+  history = []
+  initial = jax.device_get(state)
+  for _ in range(num_steps):
+    state, metrics = step(state, ref_params, batch)
+    history.append(jax.device_get((state, metrics)))
+  return initial, history
+
+
+def train_counting_compiles(config, workdir: str) -> tuple[dict, int]:
+  """`trainer.train(config, workdir)`, and how many XLA compilations ran while it trained.
+
+  Counted from the dispatch of the second step (the first step may still compile what it calls eagerly) to the
+  writing of the last step's metrics: 0 when no step compiles anything again.
+  """
+  events = []
+
+  def on_duration(name, *args, **kwargs):
+    del args, kwargs
+    if name == "/jax/core/compile/backend_compile_duration":
+      events.append("compile")
+
+  def batch_then_mark(local, batch_sharding):
+    events.append("batch")
+    return global_batch(local, batch_sharding)
+
+  def write_then_mark(self, step, metrics):
+    write(self, step, metrics)
+    if "loss/total" in metrics:
+      events.append(("train record", step))
+
+  global_batch, write = trainer._global_batch, metrics_logging.MetricsWriter.write  # pylint: disable=protected-access
+  jax.monitoring.register_event_duration_secs_listener(on_duration)
+  try:
+    with mock.patch.object(trainer, "_global_batch", batch_then_mark), \
+         mock.patch.object(metrics_logging.MetricsWriter, "write", write_then_mark):
+      summary = trainer.train(config, workdir)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+  second_step = [i for i, e in enumerate(events) if e == "batch"][1]
+  last_record = events.index(("train record", config.num_steps))
+  return summary, events[second_step:last_record].count("compile")
