@@ -41,6 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 100  # Steps between checkpoints (and one at the end).
   c.keep_checkpoints = 3  # How many recent checkpoints orbax keeps.
   c.max_consecutive_nonfinite = 5  # Non-finite losses in a row before the run stops.
+  c.memory_limit_gib = 0.0  # Per-device memory the run may use, in GiB; 0: the device's own limit (host RAM / local
+  # devices on CPU). A run whose estimate (`memory_estimate`) exceeds it stops before compiling.
 
   # Mesh: axis sizes in the order of `mesh_axes`; one -1 takes the remaining devices.
   c.mesh_shape = (-1, 1, 1)
@@ -155,6 +157,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint_every": (_positive, "a positive integer"),
     "keep_checkpoints": (_positive, "a positive integer"),
     "max_consecutive_nonfinite": (_positive, "a positive integer"),
+    "memory_limit_gib": (_non_negative, "a non-negative number (0: the device's own limit)"),
     "policy.source": (_allowed(POLICY_SOURCES), f"one of {POLICY_SOURCES}"),
     "policy.dtype": (_allowed(("float32", "bfloat16")), "'float32' or 'bfloat16'"),
     **{f"policy.model.{name}": (_positive, "a positive integer") for name in (

@@ -79,6 +79,7 @@ BAD_VALUES = {
     "sampling.temperature": st.floats(max_value=0) | _NAN,
     "optimizer.learning_rate": st.floats(max_value=0) | _NAN,
     "bond.gamma": st.floats(max_value=-1e-9) | _NAN,
+    "memory_limit_gib": st.floats(max_value=-1e-9) | _NAN,
     "algorithm": _not_in(run_config.ALGORITHMS),
     "bond.anchor": _not_in(run_config.ANCHOR_MODES),
     "bond.reward_form": _not_in(run_config.REWARD_FORMS),

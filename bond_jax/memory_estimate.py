@@ -1,0 +1,319 @@
+"""The memory a run needs per device, estimated before anything is allocated or compiled, and the check against
+what the device has.
+
+The parts held between steps (reference, policy, anchor, optimizer state, reward-model weights) are exact: the
+bytes of each leaf's shard under the shardings the trainer gives it. The step's temporaries are modelled from the
+same shapes: the gradient, the new policy, anchor and optimizer state (computed beside the old ones until the
+step's non-finite check picks one), the weights all-gathered over `fsdp`, the sampler's KV cache and the passes'
+activations (assumptions in `activation_bytes`). The total adds them all, although the sampler's cache is dead by
+the time the update runs: it is meant to over-count, so that a run refused here would not have fitted.
+
+Example:
+  >>> estimate = estimate_train_memory(config, model_config, ref_params, optimizer, mesh, reward_fn)
+  >>> check_fits(estimate, device_memory_limit(config))   # MemoryBudgetError if it cannot fit
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, NamedTuple
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from bond_jax import evaluation
+from bond_jax import sharding
+from bond_jax import train_state as train_state_lib
+from bond_jax import train_step as train_step_lib
+from bond_jax.models.config import ModelConfig
+from bond_jax.rewards import RewardFn
+
+GIB = 1024 ** 3
+_FLOAT32_BYTES = 4  # Attention scores, logits and rotary embeddings are computed in float32 whatever the compute dtype.
+
+
+class MemoryBudgetError(ValueError):
+  """The run's estimated memory per device exceeds the device's; the message says by how much and what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+  """Bytes per device, by part.
+
+  Attributes:
+    reference_params: the reference policy's parameters (an input of every step).
+    policy_params: the policy's parameters.
+    anchor_params: the anchor's parameters (a copy of the policy's shapes).
+    optimizer_state: the optax state (AdamW: two moments of the policy's shapes, and counters).
+    reward_params: a reward model's parameters (0 for programmatic rewards).
+    gradients: the policy's gradient, one of the policy's shapes.
+    optimizer_update: the step's new policy, anchor (when it moves) and optimizer state, beside the old ones.
+    fsdp_gathered_params: the policy's weights all-gathered over `fsdp` for its passes (0 without fsdp).
+    kv_cache: the largest sampler KV cache (training or evaluation).
+    activations: the largest forward (and backward) pass: the update, or a forward-only pass of evaluation.
+  """
+
+  reference_params: int
+  policy_params: int
+  anchor_params: int
+  optimizer_state: int
+  reward_params: int
+  gradients: int
+  optimizer_update: int
+  fsdp_gathered_params: int
+  kv_cache: int
+  activations: int
+
+  @property
+  def total(self) -> int:
+    return sum(self.parts().values())
+
+  def parts(self) -> dict[str, int]:
+    """Part names, as a person reads them, to bytes per device."""
+    return {field.name.replace("_", " ").replace("params", "parameters").replace("kv", "KV"): getattr(self, field.name)
+            for field in dataclasses.fields(self)}
+
+  def __str__(self) -> str:
+    breakdown = ", ".join(f"{name} {_gib(value)}" for name, value in self.parts().items())
+    return f"{_gib(self.total)} GiB per device ({breakdown} GiB)"
+
+
+class MemoryLimit(NamedTuple):
+  """How many bytes one device may use, and where that figure came from (for messages)."""
+
+  bytes_per_device: int
+  source: str
+
+
+def _gib(num_bytes: int) -> str:
+  return f"{num_bytes / GIB:.3g}"
+
+
+def per_device_bytes(tree: Any, shardings: Any) -> int:
+  """Bytes that one device holds of `tree` placed with `shardings` (the largest shard of each leaf).
+
+  Args:
+    tree: a pytree of arrays or `jax.ShapeDtypeStruct`s.
+    shardings: a matching pytree of `jax.sharding.Sharding`s.
+
+  Example:
+    >>> per_device_bytes(params, sharding.param_shardings(params, mesh))
+  """
+  sizes = jax.tree.map(lambda x, s: math.prod(s.shard_shape(tuple(x.shape))) * jnp.dtype(x.dtype).itemsize,
+                       tree, shardings)
+  return sum(jax.tree.leaves(sizes))
+
+
+def _data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[axis] for axis in sharding.BATCH_AXES if axis in mesh.shape)
+
+
+def _without_axis(spec: P, axis: str) -> P:
+  """`spec` with mesh axis `axis` removed from every dimension (that dimension then gathered over it)."""
+  def keep(entry):
+    names = tuple(name for name in ((entry,) if isinstance(entry, str) else tuple(entry or ())) if name != axis)
+    return names[0] if len(names) == 1 else (names or None)
+  return P(*(keep(entry) for entry in spec))
+
+
+def fsdp_gathered_bytes(params: Any, mesh: Mesh) -> int:
+  """Bytes per device of `params` all-gathered over the `fsdp` axis (still split over `tensor`); 0 without fsdp.
+
+  ZeRO-3 sharding gathers each weight where a pass uses it; XLA may keep all of them for the backward pass.
+
+  Example:
+    >>> fsdp_gathered_bytes(params, make_mesh((1, 4, 2)))   # 4 x the fsdp-sharded share of the big weights
+  """
+  if mesh.shape.get("fsdp", 1) == 1:
+    return 0
+  specs = sharding.param_partition_specs(params, mesh=mesh)
+  gathered = jax.tree.map(lambda spec: NamedSharding(mesh, _without_axis(spec, "fsdp")), specs,
+                          is_leaf=lambda x: isinstance(x, P))
+  return per_device_bytes(params, gathered)
+
+
+def _split(size: int, ways: int) -> int:
+  """A dimension's per-device size when the `tensor` axis splits it (it does only where it divides evenly)."""
+  return size // ways if size % ways == 0 else size
+
+
+def kv_cache_bytes(model_config: ModelConfig, rows: int, slots: int) -> int:
+  """Bytes of `init_cache(model_config, rows, slots)` after `sampling.sample` repeats it for every sample.
+
+  Keys and values of every layer, `[rows, slots, num_kv_heads, head_dim]` each in the compute dtype, and the
+  `[rows, slots]` bool mask. Unsplit over `tensor`: the cache has no declared sharding of its own.
+
+  Args:
+    model_config: the policy's config.
+    rows: prompts per device x samples per prompt.
+    slots: prompt_len + max_new_tokens - 1.
+
+  Example:
+    >>> kv_cache_bytes(model_config, rows=4 * 16, slots=16 + 24 - 1)
+  """
+  per_slot = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim
+  return rows * slots * (per_slot * model_config.compute_dtype.itemsize + 1)
+
+
+def activation_bytes(model_config: ModelConfig, rows: int, seq_len: int, head_len: int, tensor: int,
+                     backward: bool) -> int:
+  """Upper-bound bytes of one pass of the policy over `rows` sequences of `seq_len` tokens, per device.
+
+  It bounds `sampling.generation_log_probs` however that lays the tokens out: a sequence per sample, or each
+  prompt once and then the generations over its cache (fewer tokens and shorter rows of attention scores).
+
+  Assumptions, per token and per layer (c: bytes of the compute dtype): the residual stream before attention
+  and before the MLP and both RMSNorm outputs (4 d c), the norms' float32 inputs (2 d 4); q, k and v before and
+  after rotary embedding, in float32 (4 (2 heads + 3 kv_heads) head_dim); the attention output (heads
+  head_dim c); gate, up, activation and their product (4 mlp_dim c); attention scores and probabilities
+  `[heads, seq_len]` in float32 (2 heads seq_len 4). The head adds the final norm (d c) and four float32 copies
+  of the logits (the logits, their exponent for the log-softmax, their cotangent and a re-laid-out copy, as
+  XLA keeps them) at `head_len` positions. Heads, MLP and vocabulary are divided by the `tensor` axis where it
+  divides them, as `sharding.DEFAULT_PARAM_RULES` shard their weights.
+
+  With `backward`, every layer's activations stay live for the backward pass, and one more layer's worth holds
+  the cotangents being computed; without it (a forward under `stop_gradient` or evaluation), one layer's are
+  live at a time and three logit copies.
+
+  Args:
+    model_config: the policy's config.
+    rows: sequences on this device (prompts per device x samples per prompt).
+    seq_len: prompt_len + max_new_tokens.
+    head_len: positions that go through the vocabulary head (at most max_new_tokens + 1).
+    tensor: size of the mesh's `tensor` axis.
+    backward: whether the pass is differentiated.
+
+  Example:
+    >>> activation_bytes(model_config, rows=32, seq_len=40, head_len=25, tensor=1, backward=True)
+  """
+  c = model_config.compute_dtype.itemsize
+  d = model_config.d_model
+  heads, kv_heads = _split(model_config.num_heads, tensor), _split(model_config.num_kv_heads, tensor)
+  per_token = (4 * d * c + 2 * d * _FLOAT32_BYTES
+               + (2 * heads + 3 * kv_heads) * model_config.head_dim * _FLOAT32_BYTES
+               + heads * model_config.head_dim * c
+               + 4 * _split(model_config.mlp_dim, tensor) * c
+               + 2 * heads * seq_len * _FLOAT32_BYTES)
+  layer = rows * seq_len * per_token
+  logit_copies = 4 if backward else 3
+  head = rows * head_len * (d * c + logit_copies * _split(model_config.vocab_size, tensor) * _FLOAT32_BYTES)
+  layers_live = model_config.num_layers + 1 if backward else 1
+  return layers_live * layer + head
+
+
+def estimate_train_memory(config: ml_collections.ConfigDict, model_config: ModelConfig, ref_params: Any,
+                          optimizer: optax.GradientTransformation, mesh: Mesh, reward_fn: RewardFn | None = None,
+                          ) -> MemoryEstimate:
+  """Estimates the bytes per device a run of `config` needs, without allocating or compiling anything.
+
+  The train state is built abstractly (`jax.eval_shape` of `train_state.create_train_state`) and sharded by
+  `sharding.param_shardings`, as `trainer.sharded_train_state` does. Prompts per device are `batch_size / (data x
+  fsdp)`. The KV cache is the largest of the sampler's: policy and anchor samples of a train step
+  (`train_step.samples_per_prompt`), and evaluation's `evaluation.NUM_POLICY_SAMPLES` policy samples and `2 x
+  eval.num_ref_samples` reference samples. The activations are the largest of: the update's forward and backward
+  over the policy samples and the Best-of-n anchor samples, and the forward-only passes of the log-probs
+  (training's over the policy samples, evaluation's over its policy samples). Not counted: a reward model's own
+  activations, and the exact evaluation of `config.exact`.
+
+  Args:
+    config: a validated run config.
+    model_config: the policy's config.
+    ref_params: the reference parameters, arrays or `jax.ShapeDtypeStruct`s.
+    optimizer: the policy's optimizer (`train_state.make_optimizer`).
+    mesh: the run's mesh.
+    reward_fn: the `RewardFn` the trainer passes to its steps (its leaves are a reward model's weights), or None.
+
+  Returns:
+    A `MemoryEstimate` in bytes per device.
+
+  Example:
+    >>> estimate = estimate_train_memory(config, model_config, ref_params, optimizer, mesh, reward_fn)
+    >>> print(estimate)   # 0.0123 GiB per device (reference parameters 0.00103, ...)
+  """
+  init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
+  state = jax.eval_shape(init, ref_params)
+  state_shardings = sharding.param_shardings(state, mesh)
+  state_bytes = lambda field: per_device_bytes(getattr(state, field), getattr(state_shardings, field))  # noqa: E731
+  anchor_moves = config.algorithm != "reinforce" and config.bond.anchor != "fixed"
+  reward_bytes = 0 if reward_fn is None else per_device_bytes(reward_fn, sharding.param_shardings(reward_fn, mesh))
+
+  prompts_per_device = config.batch_size // _data_parallel_size(mesh)
+  prompt_len, new_tokens = config.data.prompt_len, config.sampling.max_new_tokens
+  num_policy, num_anchor = train_step_lib.samples_per_prompt(config)
+  num_best = 0 if config.algorithm == "reinforce" else (
+      1 if config.algorithm == "jbond" else num_anchor // config.bond.n)
+  most_samples = max(num_policy, num_anchor, evaluation.NUM_POLICY_SAMPLES, 2 * config.eval.num_ref_samples)
+  tensor = mesh.shape.get("tensor", 1)
+  passes = functools.partial(activation_bytes, model_config, seq_len=prompt_len + new_tokens,
+                             head_len=new_tokens + 1, tensor=tensor)
+  return MemoryEstimate(
+      reference_params=per_device_bytes(ref_params, sharding.param_shardings(ref_params, mesh)),
+      policy_params=state_bytes("params"),
+      anchor_params=state_bytes("anchor_params"),
+      optimizer_state=state_bytes("opt_state"),
+      reward_params=reward_bytes,
+      gradients=state_bytes("params"),
+      optimizer_update=(state_bytes("params") + state_bytes("opt_state")
+                        + (state_bytes("anchor_params") if anchor_moves else 0)),
+      fsdp_gathered_params=fsdp_gathered_bytes(state.params, mesh),
+      kv_cache=kv_cache_bytes(model_config, prompts_per_device * most_samples, prompt_len + new_tokens - 1),
+      activations=max(
+          passes(rows=prompts_per_device * (num_policy + num_best), backward=True),
+          passes(rows=prompts_per_device * max(num_policy, evaluation.NUM_POLICY_SAMPLES), backward=False)),
+  )
+
+
+def _host_available_bytes() -> int:
+  """Memory the host can still give, from /proc/meminfo's MemAvailable (Linux) or the free physical pages."""
+  try:
+    with open("/proc/meminfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024  # The file counts kB.
+  except OSError:
+    pass  # No /proc (not Linux): fall back to sysconf below.
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_memory_limit(config: ml_collections.ConfigDict) -> MemoryLimit:
+  """The bytes one device may use: `config.memory_limit_gib` if > 0, else the device's own limit.
+
+  An accelerator reports its limit (`memory_stats()["bytes_limit"]`, what XLA's allocator may take); a CPU
+  device reports none, and this process's simulated CPU devices share the host's RAM, so each gets the host's
+  available memory divided by `jax.local_device_count()`.
+
+  Example:
+    >>> device_memory_limit(config)   # MemoryLimit(bytes_per_device=..., source="the device's own limit ...")
+  """
+  if config.memory_limit_gib > 0:
+    return MemoryLimit(int(config.memory_limit_gib * GIB), f"config.memory_limit_gib = {config.memory_limit_gib}")
+  device = jax.local_devices()[0]
+  stats = device.memory_stats()
+  if stats and "bytes_limit" in stats:
+    return MemoryLimit(int(stats["bytes_limit"]), f"the device's own limit ({device.device_kind})")
+  devices = jax.local_device_count()
+  return MemoryLimit(_host_available_bytes() // devices,
+                     f"the host's available RAM shared by {devices} local {device.platform} device(s)")
+
+
+def check_fits(estimate: MemoryEstimate, limit: MemoryLimit) -> None:
+  """Raises `MemoryBudgetError` when `estimate.total` exceeds `limit`, naming the parts and what to change.
+
+  Example:
+    >>> check_fits(estimate_train_memory(...), device_memory_limit(config))
+  """
+  if estimate.total <= limit.bytes_per_device:
+    return
+  largest = max(estimate.parts().items(), key=lambda item: item[1])[0]
+  raise MemoryBudgetError(
+      f"the run needs an estimated {estimate}, more than the {_gib(limit.bytes_per_device)} GiB per device "
+      f"available ({limit.source}); the largest part is {largest}. To fit, lower config.batch_size, "
+      f"config.sampling.max_new_tokens or config.data.prompt_len (or the samples per prompt), set "
+      f"config.policy.dtype = 'bfloat16', or shard over more devices with a larger fsdp or tensor axis in "
+      f"config.mesh_shape; if the detected limit is wrong, set config.memory_limit_gib.")
