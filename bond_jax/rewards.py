@@ -25,6 +25,10 @@ from bond_jax.models.config import ModelConfig
 RewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+class RewardError(ValueError):
+  """A reward function returned values of the wrong shape or type, or values that are not finite."""
+
+
 def _check_inputs(prompts, prompt_mask, tokens, mask) -> None:
   chex.assert_rank([prompts, prompt_mask, tokens, mask], [2, 2, 3, 3])
   chex.assert_equal_shape([prompts, prompt_mask])
@@ -110,8 +114,10 @@ def token_reward(fn: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.
     batch, samples, time = tokens.shape
     out = fn(_per_sample_prompts(prompts, samples), _per_sample_prompts(prompt_mask, samples),
              tokens.reshape(batch * samples, time), mask.reshape(batch * samples, time))
-    chex.assert_shape(out, (batch * samples,))
-    return out.astype(jnp.float32).reshape(batch, samples)
+    if jnp.shape(out) != (batch * samples,):
+      raise RewardError(f"the token reward returned an array of shape {jnp.shape(out)}; expected one reward per "
+                        f"(prompt, generation) pair, shape ({batch * samples},).")
+    return jnp.asarray(out).astype(jnp.float32).reshape(batch, samples)
 
   return jax.tree_util.Partial(rewards)  # A pytree (with no leaves), like every RewardFn here.
 
@@ -146,14 +152,20 @@ def text_reward(fn: Callable[[list[str], list[str]], Sequence[float]], tokenizer
     prompt_texts = _decode(tokenizer, np.asarray(prompts), np.asarray(prompt_mask).astype(bool))
     generations = _decode(tokenizer, np.asarray(tokens).reshape(-1, time),
                           np.asarray(mask).astype(bool).reshape(-1, time))
-    values = np.asarray(fn([p for p in prompt_texts for _ in range(samples)], generations), np.float32)
+    values = np.asarray(fn([p for p in prompt_texts for _ in range(samples)], generations))
+    if values.dtype.kind not in "biuf":
+      raise RewardError(f"the text reward returned values of dtype {values.dtype}; expected numbers.")
     if values.shape != (batch * samples,):
-      raise ValueError(f"text_reward fn returned values of shape {values.shape}; expected one per generation, "
-                       f"{batch * samples}.")
-    return values.reshape(batch, samples)
+      raise RewardError(f"the text reward returned values of shape {values.shape}; expected one per generation, "
+                        f"({batch * samples},).")
+    return values.astype(np.float32).reshape(batch, samples)
 
   def rewards(prompts, prompt_mask, tokens, mask):
     _check_inputs(prompts, prompt_mask, tokens, mask)
+    if not isinstance(tokens, jax.core.Tracer):
+      # Called outside jit (e.g. by `check_reward_fn`): run on the host directly, so that an error in `fn` is
+      # raised as itself rather than wrapped by the callback machinery.
+      return jnp.asarray(host_rewards(prompts, prompt_mask, tokens, mask))
     out_shape = jax.ShapeDtypeStruct(tokens.shape[:2], jnp.float32)
     # "sequential": under vmap, each call still sees the un-batched shapes host_rewards expects.
     return jax.pure_callback(host_rewards, out_shape, prompts, prompt_mask, tokens, mask,
@@ -171,8 +183,10 @@ def check_rewards(rewards, batch: int, samples: int) -> np.ndarray:
     samples: expected samples per prompt.
 
   Returns:
-    ``rewards`` as a numpy array. ValueError naming the expected vs got shape/dtype, or the batch indices
-    holding NaN/inf.
+    ``rewards`` as a numpy array.
+
+  Raises:
+    RewardError: naming the expected and actual shape or dtype, or the batch indices holding NaN/inf.
 
   Example::
 
@@ -180,14 +194,49 @@ def check_rewards(rewards, batch: int, samples: int) -> np.ndarray:
   """
   values = np.asarray(rewards)
   if values.shape != (batch, samples):
-    raise ValueError(f"rewards have shape {values.shape}; expected (batch, samples) = {(batch, samples)}.")
+    raise RewardError(f"rewards have shape {values.shape}; expected (batch, samples) = {(batch, samples)}.")
   if values.dtype != np.float32:
-    raise ValueError(f"rewards have dtype {values.dtype}; expected float32.")
+    raise RewardError(f"rewards have dtype {values.dtype}; expected float32.")
   bad_rows = np.flatnonzero(~np.isfinite(values).all(axis=1))
   if bad_rows.size:
     first = bad_rows[0]
-    raise ValueError(
+    raise RewardError(
         f"rewards are not finite at batch indices {bad_rows.tolist()} (e.g. batch index {first}: "
         f"{values[first].tolist()})."
     )
   return values
+
+
+def check_reward_fn(reward_fn: RewardFn, prompts: np.ndarray, prompt_mask: np.ndarray, samples: int = 2,
+                    ) -> np.ndarray:
+  """Calls ``reward_fn`` once, outside jit, and checks what it returns (``check_rewards``).
+
+  A trainer runs this before compiling, so that a reward function of the wrong shape, type or values fails with
+  a message instead of deep inside a compiled step. The generations scored are the prompts' own tokens, each
+  given ``samples`` times: real text from the task, with no sampling needed.
+
+  Args:
+    reward_fn: the reward to check.
+    prompts: ``[batch, prompt_len]`` int32, left- or right-padded.
+    prompt_mask: ``[batch, prompt_len]`` bool.
+    samples: generations per prompt.
+
+  Returns:
+    The ``[batch, samples]`` float32 rewards.
+
+  Raises:
+    RewardError: see ``check_rewards``; also raised by the reward wrappers of this module for outputs of the
+      wrong shape or type.
+
+  Example::
+
+    check_reward_fn(text_reward(my_fn, tokenizer), batch["prompts"], batch["prompt_mask"])
+  """
+  prompt_mask = np.asarray(prompt_mask, bool)
+  # Real tokens first: a generation's mask is a prefix of its row.
+  order = np.argsort(~prompt_mask, axis=1, kind="stable")
+  tokens = np.take_along_axis(np.asarray(prompts), order, axis=1)
+  mask = np.take_along_axis(prompt_mask, order, axis=1)
+  repeat = lambda x: np.repeat(x[:, None], samples, axis=1)  # noqa: E731
+  values = reward_fn(np.asarray(prompts), prompt_mask, repeat(tokens), repeat(mask))
+  return check_rewards(values, prompts.shape[0], samples)

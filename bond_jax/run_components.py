@@ -6,6 +6,7 @@ Example:
   >>> train_prompts, eval_prompts = load_prompts(config, tokenizer, model_config, workdir)
 """
 
+import dataclasses
 import importlib
 import os
 
@@ -14,6 +15,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 
 from bond_jax import rewards
+from bond_jax import run_config
 from bond_jax.data import id_tokenizer
 from bond_jax.data import prompt_batches
 from bond_jax.data import prompt_sources
@@ -40,9 +42,13 @@ def load_policy(config: ml_collections.ConfigDict):
     raise FileNotFoundError(
         f"config.policy: no checkpoint directory at {path!r}"
         + (" (run `python experiments/pretrain.py` to make the shipped one)" if policy.source == "default" else ""))
-  params, model_config = hf.load_checkpoint(path, dtype=policy.dtype)
+  # Parameters stay float32 (the optimizer's updates are far below bfloat16's resolution); `dtype` is the compute's.
+  params, model_config = hf.load_checkpoint(path)
+  model_config = dataclasses.replace(model_config, dtype=policy.dtype)
   if model_config.head != "lm":
-    raise ValueError(f"config.policy.path={path!r} holds a {model_config.head!r}-head model; a policy needs 'lm'.")
+    raise run_config.ConfigError(
+        f"config.policy.path = {path!r} is not allowed: it holds a {model_config.head!r}-head model; a policy needs "
+        "'lm' (a *ForCausalLM checkpoint).")
   if policy.tokenizer_path:
     tokenizer = hf.load_tokenizer(policy.tokenizer_path)
   elif policy.source == "default":
@@ -65,7 +71,8 @@ def load_reward(config: ml_collections.ConfigDict, tokenizer) -> rewards.RewardF
   try:
     fn = getattr(importlib.import_module(module_name), function_name)
   except (ImportError, AttributeError) as e:
-    raise ValueError(f"config.reward.function={config.reward.function!r} cannot be imported: {e}") from e
+    raise run_config.ConfigError(
+        f"config.reward.function = {config.reward.function!r} is not allowed: it cannot be imported ({e}).") from e
   if kind == "python_tokens":
     return rewards.token_reward(fn)
   return rewards.text_reward(fn, tokenizer)

@@ -20,6 +20,7 @@ ANCHOR_MODES = ("ema", "fixed", "periodic")
 REWARD_FORMS = ("log_quantile", "tie_aware")
 DATA_SOURCES = ("default", "prompt_file", "tfds", "inline")
 REWARD_KINDS = ("default", "reward_model", "python", "python_tokens")
+USER_REWARD_KINDS = ("python", "python_tokens")  # The user's own code: checked on real prompts before compiling.
 POLICY_SOURCES = ("default", "hf_checkpoint", "init")
 OVERLONG_POLICIES = ("truncate", "reject")
 

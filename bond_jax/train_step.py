@@ -11,8 +11,9 @@ Per prompt and algorithm:
   of n anchor samples gives one Best-of-n sample of the forward term).
 - `reinforce`: `num_policy_samples` policy samples, raw reward with leave-one-out baseline, KL to the reference.
 The anchor then moves by its mode: `ema` (every step, rate η), `periodic` (copied every `anchor_period` steps)
-or `fixed` (stays at the reference). A step whose loss or gradient is not finite leaves params, anchor and
-optimizer state untouched and reports `nonfinite = 1`.
+or `fixed` (stays at the reference). A step whose rewards, loss or gradient are not finite leaves params, anchor
+and optimizer state untouched and reports `nonfinite = 1`; `reward/nonfinite_prompts` counts the prompts with a
+non-finite reward and `reward/first_nonfinite_prompt` is the batch index of the first (-1 if none).
 
 `log π_ref` of the samples is needed by REINFORCE's loss but only by a metric (`kl/policy_ref`) of J-BOND and
 BOND, so those compute it on logged steps only (`is_log_step`) and report NaN for it on the others.
@@ -94,6 +95,13 @@ def _best_of_groups(rewards: jax.Array, n: int) -> jax.Array:
   return best + n * jnp.arange(groups)
 
 
+def _reward_metrics(*rewards: jax.Array) -> Metrics:
+  """Which prompts got a non-finite reward, from `[batch, samples_i]` rewards of the same prompts."""
+  bad = jnp.any(jnp.concatenate([~jnp.isfinite(r) for r in rewards], axis=1), axis=1)
+  return {"reward/nonfinite_prompts": jnp.sum(bad).astype(jnp.float32),
+          "reward/first_nonfinite_prompt": jnp.where(jnp.any(bad), jnp.argmax(bad), -1).astype(jnp.float32)}
+
+
 def _kl_metrics(policy_log_probs: jax.Array, ref_log_probs: jax.Array,
                 anchor_log_probs: jax.Array | None = None) -> Metrics:
   """k1 estimates of KL(π || π_ref) and KL(π || π_anchor) on the policy's own samples."""
@@ -155,6 +163,7 @@ def make_train_step(config: ml_collections.ConfigDict, model_config: ModelConfig
 
     if config.algorithm == "reinforce":
       ref_log_probs = log_probs(ref_params, batch=batch, out=policy_out)
+      metrics |= _reward_metrics(policy_rewards)
 
       def loss_fn(p):
         policy_log_probs = log_probs(p, batch=batch, out=policy_out)
@@ -179,7 +188,7 @@ def make_train_step(config: ml_collections.ConfigDict, model_config: ModelConfig
         "reward/anchor_best": jnp.mean(jnp.take_along_axis(anchor_rewards, best_index, axis=1)),
         "quantile/policy_vs_anchor": jnp.mean(p_le),
         "tokens/generated": metrics["tokens/generated"] + jnp.sum(anchor_out.mask),
-    }
+    } | _reward_metrics(policy_rewards, anchor_rewards)
 
     def loss_fn(p):
       # One forward over the policy samples and the Best-of-n anchor samples together.
@@ -208,7 +217,8 @@ def make_train_step(config: ml_collections.ConfigDict, model_config: ModelConfig
     params = optax.apply_updates(state.params, updates)
     anchor_params = _move_anchor(config, state.anchor_params, params, state.step)
 
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # NaN rewards need not make the loss NaN (comparisons with NaN are just False), so they are checked apart.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (metrics["reward/nonfinite_prompts"] == 0)
     keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = TrainState(
         step=state.step + 1,

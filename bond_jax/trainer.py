@@ -21,8 +21,10 @@ import tqdm
 from bond_jax import checkpointing
 from bond_jax import evaluation
 from bond_jax import exact_evaluation
+from bond_jax import memory_estimate
 from bond_jax import metrics_logging
 from bond_jax import plots
+from bond_jax import rewards
 from bond_jax import run_components
 from bond_jax import run_config
 from bond_jax import sampling
@@ -72,28 +74,55 @@ def sharded_train_state(config: ml_collections.ConfigDict, ref_params, optimizer
   return ref_params, param_shardings, jax.jit(init, out_shardings=state_shardings)(ref_params), state_shardings
 
 
-def _jit_with_reward(make_fn, reward_fn, mesh, in_shardings, **jit_kwargs):
-  """Jits `make_fn(reward_fn)` with the reward as a traced argument and returns it with the reward bound.
+def _compile_with_reward(name: str, make_fn, reward_fn, mesh, in_shardings, args, **jit_kwargs):
+  """Compiles `make_fn(reward_fn)` for `args` ahead of time, with the reward as an argument; returns it bound.
 
   A reward model's weights (the leaves of its `RewardFn` pytree) then enter the compiled program as sharded
   inputs rather than as constants baked into it, which would compile slowly and hold a second copy in memory.
-  `donate_argnums` counts the arguments after the reward, from 1.
+  Compiling before the loop, once, means a call with other shapes or shardings fails at once instead of
+  silently compiling again. `args` may be arrays or `jax.ShapeDtypeStruct`s; `donate_argnums` counts the
+  arguments after the reward, from 1.
   """
-  jitted = jax.jit(lambda reward, *args: make_fn(reward)(*args),
+  jitted = jax.jit(lambda reward, *fn_args: make_fn(reward)(*fn_args),
                    in_shardings=(sharding.param_shardings(reward_fn, mesh), *in_shardings), **jit_kwargs)
-  return functools.partial(jitted, reward_fn)
+  start = time.perf_counter()
+  compiled = jitted.lower(reward_fn, *args).compile()
+  logging.info("Compiled the %s in %.1f s.", name, time.perf_counter() - start)
+  return functools.partial(compiled, reward_fn)
+
+
+def _peek(prompts) -> dict:
+  """The next batch of a prompt iterator, leaving the iterator where it was."""
+  position = prompts.get_state()
+  batch = next(prompts)
+  prompts.set_state(position)
+  return batch
 
 
 def _average(records: list[dict]) -> dict[str, float]:
   return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
 
 
-def _check_lengths(config: ml_collections.ConfigDict, model_config) -> None:
+def _check_before_compiling(config: ml_collections.ConfigDict, model_config, ref_params, reward_fn, optimizer,
+                            mesh, train_prompts, eval_prompts) -> None:
+  """What can be found wrong before anything is allocated on the mesh or compiled, which takes minutes at scale.
+
+  The lengths against the model's context (`ConfigError`); the first batch of each prompt split, read and put
+  back (prompts the tokenizer cannot encode for the model, or none usable: `PromptError`); a user reward function
+  called once on held-out prompts (`RewardError`); the memory estimate against the devices' (`MemoryBudgetError`).
+  """
   total = config.data.prompt_len + config.sampling.max_new_tokens
   if total > model_config.max_seq_len:
     raise run_config.ConfigError(
         f"config.data.prompt_len + config.sampling.max_new_tokens = {total} is not allowed: expected at most the "
         f"model's context, {model_config.max_seq_len}.")
+  _peek(train_prompts)
+  probe = _peek(eval_prompts)
+  if config.reward.kind in run_config.USER_REWARD_KINDS:
+    rewards.check_reward_fn(reward_fn, probe["prompts"], probe["prompt_mask"])
+  estimate = memory_estimate.estimate_train_memory(config, model_config, ref_params, optimizer, mesh, reward_fn)
+  logging.info("Estimated memory: %s.", estimate)
+  memory_estimate.check_fits(estimate, memory_estimate.device_memory_limit(config))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -105,6 +134,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Raises:
     run_config.ConfigError: a bad config (before anything is compiled).
+    prompt_batches.PromptError: the prompts cannot be used (before anything is compiled).
+    rewards.RewardError: a user reward function (`config.reward.kind` "python" or "python_tokens") returns values
+      of the wrong shape or type (before anything is compiled), or any reward is NaN or inf during training
+      (the state before that step is checkpointed).
+    memory_estimate.MemoryBudgetError: the run's estimated memory per device exceeds the device's (before
+      anything is allocated on the mesh or compiled).
     NonFiniteLossError: `config.max_consecutive_nonfinite` non-finite steps in a row.
   """
   run_config.validate(config, jax.device_count())
@@ -115,10 +150,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
 
   ref_params, model_config, tokenizer = run_components.load_policy(config)
-  _check_lengths(config, model_config)
   reward_fn = run_components.load_reward(config, tokenizer)
   train_prompts, eval_prompts = run_components.load_prompts(config, tokenizer, model_config, workdir)
+  eval_start = eval_prompts.get_state()
   optimizer = train_state_lib.make_optimizer(config.optimizer)
+  _check_before_compiling(config, model_config, ref_params, reward_fn, optimizer, mesh, train_prompts, eval_prompts)
 
   ref_params, param_shardings, state, state_shardings = sharded_train_state(config, ref_params, optimizer, mesh)
 
@@ -132,14 +168,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   batch_sharding = sharding.batch_sharding(mesh, 2)
   batch_shardings = {"prompts": batch_sharding, "prompt_mask": batch_sharding}
-  jit_with_reward = functools.partial(_jit_with_reward, reward_fn=reward_fn, mesh=mesh)
-  step_fn = jit_with_reward(
-      lambda reward: train_step_lib.make_train_step(config, model_config, reward, optimizer),
+  abstract_batch = {key: jax.ShapeDtypeStruct((config.batch_size, config.data.prompt_len), dtype,
+                                              sharding=batch_sharding)
+                    for key, dtype in (("prompts", np.int32), ("prompt_mask", np.bool_))}
+  compile_with_reward = functools.partial(_compile_with_reward, reward_fn=reward_fn, mesh=mesh)
+  step_fn = compile_with_reward(
+      "train step", lambda reward: train_step_lib.make_train_step(config, model_config, reward, optimizer),
       in_shardings=(state_shardings, param_shardings, batch_shardings),
-      out_shardings=(state_shardings, None), donate_argnums=1)
-  eval_fn = jit_with_reward(lambda reward: evaluation.make_eval_step(config, model_config, reward),
-                            in_shardings=(param_shardings, param_shardings, batch_shardings, None))
-  eval_start = eval_prompts.get_state()
+      args=(state, ref_params, abstract_batch), out_shardings=(state_shardings, None), donate_argnums=1)
+  eval_fn = compile_with_reward(
+      "evaluation step", lambda reward: evaluation.make_eval_step(config, model_config, reward),
+      in_shardings=(param_shardings, param_shardings, batch_shardings, None),
+      args=(state.params, ref_params, abstract_batch, jax.random.PRNGKey(0)))
 
   def evaluate(step: int) -> dict[str, float]:
     eval_prompts.set_state(eval_start)  # The same held-out prompts every time.
@@ -154,13 +194,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   exact_fn = exact_batch = None
   if config.exact.every:
     # The first held-out batch, each prompt once, replicated: every host gathers the same prompts.
-    exact_fn = jit_with_reward(lambda reward: exact_evaluation.make_exact_step(config, model_config, reward),
-                               in_shardings=(param_shardings, param_shardings, param_shardings, None))
     local = next(eval_prompts)
     exact_batch = exact_evaluation.distinct_prompts(
         {key: multihost_utils.process_allgather(np.asarray(local[key]), tiled=True)
          for key in ("prompts", "prompt_mask")})
     eval_prompts.set_state(eval_start)
+    exact_fn = compile_with_reward(
+        "exact evaluation", lambda reward: exact_evaluation.make_exact_step(config, model_config, reward),
+        in_shardings=(param_shardings, param_shardings, param_shardings, None),
+        args=(state.params, state.anchor_params, ref_params, exact_batch))
 
   def exact(step: int) -> None:
     """Logs the exact KLs (`exact_evaluation`) every `config.exact.every` steps and at the end."""
@@ -181,13 +223,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = tqdm.tqdm(total=config.num_steps, initial=start_step, desc=config.algorithm, unit="step",
                        disable=jax.process_index() != 0, dynamic_ncols=True)
 
-  def record(step: int, metrics) -> None:
-    """Reads a step's metrics (one step late, so the host never stalls the device) and acts on them."""
+  def record(step: int, metrics, texts: list[str]) -> None:
+    """Reads a step's metrics (one step late, so the host never stalls the device) and acts on them.
+
+    `texts` are this host's prompts of the step, to name a prompt whose reward was not finite.
+    """
     nonlocal consecutive_nonfinite, window_tokens, window_start
     metrics = metrics_logging.to_python_scalars(jax.device_get(metrics))
+    if metrics["reward/nonfinite_prompts"]:
+      save()  # The step with the bad rewards was skipped: the state holds only finite updates.
+      checkpointer.close()
+      raise rewards.RewardError(_nonfinite_reward_message(step, metrics, texts, workdir))
     consecutive_nonfinite = consecutive_nonfinite + 1 if metrics["nonfinite"] else 0
     window_tokens += metrics["tokens/generated"]
-    if step % config.log_every == 0 or step == config.num_steps:
+    if train_step_lib.is_log_step(config, step):
       elapsed = time.perf_counter() - window_start
       metrics["perf/tokens_per_s"] = window_tokens / elapsed
       metrics["perf/step_time_s"] = elapsed / min(config.log_every, step - start_step)
@@ -207,10 +256,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step == 0:
       exact(0)
     for step in range(start_step + 1, config.num_steps + 1):
-      state, metrics = step_fn(state, ref_params, _global_batch(next(train_prompts), batch_sharding))
+      batch = next(train_prompts)
+      state, metrics = step_fn(state, ref_params, _global_batch(batch, batch_sharding))
       if pending is not None:
         record(*pending)
-      pending = (step, metrics)
+      pending = (step, metrics, batch["text"])
       progress.update(1)
       exact(step)
       if step % config.checkpoint_every == 0 and step != config.num_steps:
@@ -245,6 +295,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     print(examples)
   return summary
+
+
+def _nonfinite_reward_message(step: int, metrics: dict[str, float], texts: list[str], workdir: str) -> str:
+  """Names the step, how many prompts got a NaN/inf reward, the first one's batch index and (on its host) text."""
+  index = int(metrics["reward/first_nonfinite_prompt"])
+  local = index - jax.process_index() * len(texts)
+  prompt = f" (prompt {texts[local]!r})" if 0 <= local < len(texts) else ""
+  return (f"step {step}: the reward function returned a non-finite value (NaN or inf) for "
+          f"{int(metrics['reward/nonfinite_prompts'])} prompt(s) of the batch, the first at batch index "
+          f"{index}{prompt}. The step was skipped and the state before it is checkpointed in {workdir}/checkpoints; "
+          f"fix the reward (config.reward) and run again to resume.")
 
 
 def format_report(summary: dict[str, dict[str, float]]) -> str:

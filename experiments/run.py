@@ -44,7 +44,9 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
   import jax  # pylint: disable=g-import-not-at-top
-  from bond_jax import checkpointing, run_config, trainer  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from bond_jax import checkpointing, memory_estimate, rewards, run_config, trainer
+  from bond_jax.data import prompt_batches  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   if config.distributed.coordinator_address:
@@ -56,6 +58,7 @@ def main(argv):
   try:
     trainer.train(config, _WORKDIR.value)
   except (run_config.ConfigError, checkpointing.CheckpointMismatchError, trainer.NonFiniteLossError,
+          rewards.RewardError, memory_estimate.MemoryBudgetError, prompt_batches.PromptError,
           FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 

@@ -112,8 +112,11 @@ def test_text_reward_matches_python(tokenizer):
 def test_text_reward_rejects_wrong_number_of_values(tokenizer):
   fast, words = tokenizer
   bad = rewards.text_reward(lambda ps, gs: [0.0], fast)
-  with pytest.raises(jax.errors.JaxRuntimeError, match="expected one per generation, 6"):
-    jax.block_until_ready(bad(*_batch(len(words))))
+  message = r"returned values of shape \(1,\); expected one per generation, \(6,\)"
+  with pytest.raises(rewards.RewardError, match=message):  # Outside jit the host function runs directly.
+    bad(*_batch(len(words)))
+  with pytest.raises(jax.errors.JaxRuntimeError, match=message):
+    jax.block_until_ready(jax.jit(bad)(*_batch(len(words))))
 
 
 def test_check_rewards():

@@ -11,9 +11,11 @@ Example:
 
 from collections.abc import Sequence
 
+from bond_jax.data import prompt_batches
+
 
 class IdTokenizer:
-  """Reads and writes token ids as space-separated integers; ValueError on anything else or an id out of range."""
+  """Reads and writes token ids as space-separated integers; `PromptError` on anything else or an id out of range."""
 
   pad_token_id = 0
   bos_token_id = None
@@ -32,9 +34,9 @@ class IdTokenizer:
     try:
       ids = [int(word) for word in text.split()]
     except ValueError as e:
-      raise ValueError(f"IdTokenizer reads space-separated integers, got {text[:80]!r}.") from e
+      raise prompt_batches.PromptError(f"IdTokenizer reads space-separated integers, got {text[:80]!r}.") from e
     if not all(0 <= i < self.vocab_size for i in ids):
-      raise ValueError(f"IdTokenizer: ids of {text[:80]!r} must lie in [0, vocab_size={self.vocab_size}).")
+      raise prompt_batches.PromptError(f"IdTokenizer: ids of {text[:80]!r} must lie in [0, vocab_size={self.vocab_size}).")
     return ids
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:

@@ -13,7 +13,7 @@ Each prompt is encoded with `tokenizer.encode(text)`, so it carries the tokenize
   counted as "rejected";
 - empty, whitespace only, or only special tokens once encoded (e.g. just BOS or pad): skipped, "empty";
 - bytes that are not UTF-8 or text that cannot be encoded as UTF-8: skipped, "undecodable";
-- a token id outside [0, vocab_size): ValueError (the tokenizer does not match the model).
+- a token id outside [0, vocab_size): `PromptError` (the tokenizer does not match the model).
 
 The first skip or truncation of each kind is logged as a warning with the prompt's index, and every epoch's
 counts are logged when it ends; `counts` holds them and is part of the state, so a resumed run logs the same.
@@ -32,6 +32,12 @@ from absl import logging
 import numpy as np
 
 OVERLONG_POLICIES = ("truncate", "reject")
+
+
+class PromptError(ValueError):
+  """The prompts cannot be used: none is usable, one does not fit the model's tokenizer, or a file or dataset
+  holding them is missing or malformed."""
+
 # "yielded": prompts in global batches so far; the others: prompts truncated or skipped, by reason.
 COUNT_KEYS = ("yielded", "truncated", "rejected", "empty", "undecodable")
 
@@ -139,9 +145,9 @@ class PromptIterator:
     if num_epochs is not None and num_epochs <= 0:
       raise ValueError(f"num_epochs={num_epochs} must be positive or None.")
     if tokenizer.pad_token_id is None:
-      raise ValueError("the tokenizer has no pad token (pad_token_id is None); set one, e.g. to its EOS token.")
+      raise PromptError("the tokenizer has no pad token (pad_token_id is None); set one, e.g. to its EOS token.")
     if len(texts) == 0:
-      raise ValueError(f"the {name!r} prompts are empty: no prompt to batch.")
+      raise PromptError(f"the {name!r} prompts are empty: no prompt to batch.")
     self._texts = texts
     self._tokenizer = tokenizer
     self._batch_size = batch_size
@@ -172,7 +178,7 @@ class PromptIterator:
   def set_state(self, state: dict) -> None:
     """Continues from `state` (from `get_state` of an iterator over the same prompts with the same seed)."""
     if (state["num_prompts"], state["seed"]) != (len(self._texts), self._seed):
-      raise ValueError(f"state for {state['num_prompts']} prompts with seed {state['seed']} does not fit the "
+      raise PromptError(f"state for {state['num_prompts']} prompts with seed {state['seed']} does not fit the "
                        f"{self._name!r} iterator over {len(self._texts)} prompts with seed {self._seed}.")
     self._epoch, self._index = int(state["epoch"]), int(state["index"])
     self.counts = {key: int(state["counts"][key]) for key in COUNT_KEYS}
@@ -190,7 +196,7 @@ class PromptIterator:
       if encoded is None:
         misses += 1
         if misses >= len(self._texts):
-          raise ValueError(f"no usable prompt in the {self._name!r} prompts: {self.counts}.")
+          raise PromptError(f"no usable prompt in the {self._name!r} prompts: {self.counts}.")
         continue
       misses = 0
       ids.append(encoded)
@@ -227,7 +233,7 @@ class PromptIterator:
     if all(i in self._special_ids for i in ids):
       return self._skip("empty", position, raw)
     if self._vocab_size is not None and not all(0 <= i < self._vocab_size for i in ids):
-      raise ValueError(f"prompt {position} of {self._name!r} ({text[:80]!r}) encodes to token ids outside "
+      raise PromptError(f"prompt {position} of {self._name!r} ({text[:80]!r}) encodes to token ids outside "
                        f"[0, vocab_size={self._vocab_size}): {[i for i in ids if not 0 <= i < self._vocab_size]}; "
                        "the tokenizer does not match the model.")
     if len(ids) > self._prompt_len:

@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 
+from bond_jax.data import prompt_batches
+
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
@@ -35,7 +37,7 @@ def read_text_prompts(path: str) -> list[str]:
 def read_jsonl_prompts(path: str, text_key: str = "prompt") -> list[str]:
   """The `text_key` field of each JSON object line of `path` (blank lines are ignored).
 
-  Raises ValueError naming the line for invalid JSON, a missing key or a value that is not a string.
+  Raises `prompt_batches.PromptError` naming the line for invalid JSON, a missing key or a value that is not a string.
 
   Example:
     >>> read_jsonl_prompts("prompts.jsonl", text_key="prompt")   # lines like {"prompt": "The movie was"}
@@ -47,12 +49,12 @@ def read_jsonl_prompts(path: str, text_key: str = "prompt") -> list[str]:
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{number}: not a JSON object line ({e.msg}).") from e
+      raise prompt_batches.PromptError(f"{path}:{number}: not a JSON object line ({e.msg}).") from e
     if not isinstance(record, dict) or text_key not in record:
       keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-      raise ValueError(f"{path}:{number}: text_key={text_key!r} not found; the line holds {keys}.")
+      raise prompt_batches.PromptError(f"{path}:{number}: text_key={text_key!r} not found; the line holds {keys}.")
     if not isinstance(record[text_key], str):
-      raise ValueError(f"{path}:{number}: {text_key!r} must be a string, got {record[text_key]!r}.")
+      raise prompt_batches.PromptError(f"{path}:{number}: {text_key!r} must be a string, got {record[text_key]!r}.")
     prompts.append(record[text_key])
   return prompts
 
@@ -64,7 +66,7 @@ def read_prompt_file(path: str, text_key: str = "prompt") -> list[str]:
     >>> read_prompt_file("bond_jax/assets/prompts.jsonl")[:2]   # e.g. ["It was a", "The prices were"]
   """
   if not os.path.isfile(path):
-    raise ValueError(f"prompt file path={path!r} does not exist.")
+    raise prompt_batches.PromptError(f"prompt file path={path!r} does not exist.")
   if path.endswith(JSONL_SUFFIXES):
     return read_jsonl_prompts(path, text_key)
   return read_text_prompts(path)
