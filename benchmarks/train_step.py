@@ -22,7 +22,9 @@ For each model shape (random weights, the shipped tokenizer, the shipped sentime
   `benchmarks/peer_grpo_worker.py` and `benchmarks/README.md`.
 
 Tokens/s is sampled tokens per second of the whole step: batch * 3 samples * new_tokens (all sides sample the
-same weights, so early EOS is equally (un)likely; the measured lengths are printed). Then, for the default shape:
+same weights, so early EOS is equally (un)likely; the measured lengths are printed). On a shared machine the
+load drifts over minutes, so J-BOND and the peers take turns for `--rounds` rounds (3): the speed-ups printed are
+the median of the rounds' ratios, each round's shown beside it. Then, for the default shape:
 the same fused step on 1 and on 8 simulated CPU devices (`--xla_force_host_platform_device_count`, a `data`
 mesh, in subprocesses), and the cost of Best-of-N sampling (N samples + N rewards per prompt, then the best)
 against one sample + one reward.
@@ -69,9 +71,9 @@ SHAPES = {
     "default": dict(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384),
     "large": dict(num_layers=8, d_model=512, num_heads=8, num_kv_heads=4, head_dim=64, mlp_dim=1408),
 }
-FULL = dict(models="default,large", batch=16, prompt_len=16, new_tokens=24, repeats=3, peer_steps=5,
+FULL = dict(models="default,large", batch=16, prompt_len=16, new_tokens=24, repeats=3, rounds=3, peer_steps=5,
             bon_ns="4,16")
-QUICK = dict(models="default", batch=8, prompt_len=16, new_tokens=8, repeats=1, peer_steps=1, bon_ns="4")
+QUICK = dict(models="default", batch=8, prompt_len=16, new_tokens=8, repeats=1, rounds=1, peer_steps=1, bon_ns="4")
 TIMED_PARTS = ("sampling", "scoring", "anchor_log_probs", "ref_log_probs", "update")
 SAMPLES_PER_PROMPT = 3  # J-BOND: 1 policy + 2 anchor samples; TRL: num_generations.
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -341,20 +343,27 @@ def main():
   measured = {}
   for shape in settings["models"].split(","):
     config, mc, _, params, reward_fn, optimizer, texts, batch = setup(shape, settings)
-    seconds, generated = time_jbond(config, mc, params, reward_fn, optimizer, batch, repeats)
-    peak = max(peak, matmul_flops_per_s(10))
-    peers = {peer: time_peer(peer, python, params, mc, texts, settings)
-             for peer, python in (("trl", args.trl_python), ("tunix", args.tunix_python)) if python}
-    measured[shape] = (sum(x.size for x in jax.tree.leaves(params)), mc, seconds, generated, peers)
+    # J-BOND and the peers take turns, round after round: load from elsewhere on a shared machine drifts over
+    # minutes, and each round's ratio compares measurements taken minutes apart at most.
+    rounds = []
+    for _ in range(settings["rounds"]):
+      seconds, generated = time_jbond(config, mc, params, reward_fn, optimizer, batch, repeats)
+      peers = {peer: time_peer(peer, python, params, mc, texts, settings)
+               for peer, python in (("trl", args.trl_python), ("tunix", args.tunix_python)) if python}
+      rounds.append((seconds, peers))
+      peak = max(peak, matmul_flops_per_s(10))
+    measured[shape] = (sum(x.size for x in jax.tree.leaves(params)), mc, rounds, generated)
 
   print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores; measured matmul "
         f"{peak / 1e9:.1f} GFLOP/s; batch {batch_size}, prompt {prompt_len}, new tokens {new_tokens}, "
-        f"{SAMPLES_PER_PROMPT} samples/prompt ({sampled_tokens} sampled tokens/step), median of {repeats}")
+        f"{SAMPLES_PER_PROMPT} samples/prompt ({sampled_tokens} sampled tokens/step), median of {repeats} "
+        f"repeats in each of {settings['rounds']} round(s), then the median over rounds")
   results = {"settings": settings, "matmul_gflops": round(peak / 1e9, 2), "models": {}}
   log_every = run_config.base_config().log_every
   # How often each part runs per step: the reference log-probabilities only on logged steps.
   per_step = {part: 1 / log_every if part == "ref_log_probs" else 1.0 for part in TIMED_PARTS}
-  for shape, (num_params, mc, seconds, generated, peers) in measured.items():
+  for shape, (num_params, mc, rounds, generated) in measured.items():
+    seconds = {part: statistics.median(r[0][part] for r in rounds) for part in rounds[0][0]}
     flops = step_flops(mc, batch_size, prompt_len, new_tokens, log_every)
     print(f"\n{shape}: {num_params / 1e6:.2f}M params {SHAPES[shape]}")
     print(f"{'part':<16} {'seconds':>9} {'runs/step':>9} {'of step':>8} {'GFLOP':>8} {'MFU':>7}")
@@ -370,14 +379,19 @@ def main():
                    gflop={k: round(v / 1e9, 4) for k, v in flops.items()},
                    mfu={k: round(flops[k] / seconds[k] / peak, 5) for k in seconds},
                    jbond_step_s=round(seconds["fused_step"], 5), jbond_tokens_per_s=round(jbond_rate, 1))
-    for peer, figures_peer in peers.items():
-      step_s, speedup = figures_peer["step_s"], figures_peer["step_s"] / seconds["fused_step"]
+    for peer in rounds[0][1]:
+      step_s = statistics.median(r[1][peer]["step_s"] for r in rounds)
+      speedups = [r[1][peer]["step_s"] / r[0]["fused_step"] for r in rounds]
+      speedup = statistics.median(speedups)
+      figures_peer = rounds[-1][1][peer]
       lengths = figures_peer.get("completion_lengths")
       print(f"{peer} {figures_peer['version']} GRPO ({figures_peer['backend']}): {step_s:.4f} s/step, "
-            f"{sampled_tokens / step_s:.1f} sampled tokens/s; J-BOND speed-up {speedup:.2f}x"
+            f"{sampled_tokens / step_s:.1f} sampled tokens/s; J-BOND speed-up {speedup:.2f}x (rounds: "
+            f"{', '.join(f'{x:.2f}x' for x in speedups)})"
             + (f" (mean completion length {statistics.mean(lengths):.1f})" if lengths else ""))
       figures |= {f"{peer}_step_s": round(step_s, 5), f"{peer}_tokens_per_s": round(sampled_tokens / step_s, 1),
-                  f"speedup_vs_{peer}": round(speedup, 3)}
+                  f"speedup_vs_{peer}": round(speedup, 3),
+                  f"speedup_vs_{peer}_rounds": [round(x, 3) for x in speedups]}
     results["models"][shape] = figures
 
   default_shape = settings["models"].split(",")[0]
