@@ -194,11 +194,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   exact_fn = exact_batch = None
   if config.exact.every:
     # The first held-out batch, each prompt once, replicated: every host gathers the same prompts.
-    local = next(eval_prompts)
+    local = _peek(eval_prompts)
     exact_batch = exact_evaluation.distinct_prompts(
         {key: multihost_utils.process_allgather(np.asarray(local[key]), tiled=True)
          for key in ("prompts", "prompt_mask")})
-    eval_prompts.set_state(eval_start)
     exact_fn = compile_with_reward(
         "exact evaluation", lambda reward: exact_evaluation.make_exact_step(config, model_config, reward),
         in_shardings=(param_shardings, param_shardings, param_shardings, None),

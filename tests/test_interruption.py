@@ -37,10 +37,9 @@ def run_env(tmp_path_factory) -> dict[str, str]:
 
   With a reward that runs no host callback, every program goes into the cache, so a restart compiles nothing.
   """
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-              PYTHONPATH=os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])),
-              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("compilation_cache")),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  return tiny_run.script_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("compilation_cache")),
+                             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 
 def interruptible_config(policy_dir: str, data_dir: str = "", **overrides):
@@ -51,11 +50,8 @@ def interruptible_config(policy_dir: str, data_dir: str = "", **overrides):
 
 def start_run(config, workdir: str, log_path: str, env: dict[str, str]) -> subprocess.Popen:
   with open(log_path, "w", encoding="utf-8") as log:
-    return subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "experiments", "run.py"),
-         "--config=" + os.path.join(REPO, "configs", "default.py"), f"--workdir={workdir}",
-         *tiny_run.command_line_flags(config)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(tiny_run.run_script_args(workdir, tiny_run.command_line_flags(config)), cwd=REPO,
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def read(path: str) -> str:

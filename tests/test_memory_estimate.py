@@ -5,8 +5,6 @@ against its closed form; and a run that cannot fit stops before compiling, in on
 import dataclasses
 import functools
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +22,6 @@ from bond_jax.models import transformer
 from bond_jax.models.config import ModelConfig
 import tiny_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # How far above XLA's plan for the train step (temporaries + arguments + outputs - donated) the estimate may be. It
 # must never be below it: a run let through must fit. It is above by design: it adds the sampler's KV cache to the
@@ -233,13 +230,6 @@ def test_trainer_refuses_a_run_that_cannot_fit_before_compiling(tiny_policy_dir,
 
 def test_run_script_reports_a_run_that_cannot_fit_in_one_line(tiny_policy_dir, prompt_data_dir, tmp_path):
   flags = tiny_run.command_line_flags(tiny_run.tiny_config(tiny_policy_dir, prompt_data_dir))
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "experiments", "run.py"),
-       "--config=" + os.path.join(REPO, "configs", "default.py"), f"--workdir={tmp_path / 'run'}", *flags,
-       "--config.memory_limit_gib=0.000001"],
-      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode != 0
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  last_line = result.stderr.strip().splitlines()[-1]
-  assert last_line.startswith("error: the run needs an estimated "), result.stderr[-3000:]
+  last_line = tiny_run.run_script_error(str(tmp_path / "run"), [*flags, "--config.memory_limit_gib=0.000001"])
+  assert last_line.startswith("error: the run needs an estimated "), last_line
   assert "GiB per device" in last_line and "config.memory_limit_gib = 1e-06" in last_line

@@ -3,8 +3,6 @@ and never reach the model; prompts the tokenizer cannot encode for the model, or
 run before anything is compiled, with a one-line error from the run script."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -14,8 +12,6 @@ from bond_jax.data import prompt_files
 import faulty_rewards
 import tiny_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
 CANDIDATES = [f"the {noun} was {word}" for noun in ("room", "food", "staff", "view")
               for word in ("good", "bad", "nice", "clean", "small", "quiet", "great", "fine", "dirty", "warm")]
 # Each kind of bad line, with variants to pick one that the hash split puts in the training prompts.
@@ -108,13 +104,5 @@ def test_prompts_the_model_cannot_take_stop_the_run_before_compiling(prompts, me
 def test_the_run_script_reports_unusable_prompts_in_one_line(tmp_path):
   config = tiny_run.tiny_config("", **{"policy.source": "init", "data.source": "inline", "data.prompts": ("4 9",),
                                        "data.prompt_len": 4})
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "experiments", "run.py"),
-       "--config=" + os.path.join(REPO, "configs", "default.py"), f"--workdir={tmp_path / 'run'}",
-       *tiny_run.command_line_flags(config)],
-      cwd=REPO, env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
-      capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode != 0
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  assert result.stderr.strip().splitlines()[-1].startswith("error: IdTokenizer: ids of '4 9' must lie"), \
-      result.stderr[-3000:]
+  last_line = tiny_run.run_script_error(str(tmp_path / "run"), tiny_run.command_line_flags(config))
+  assert last_line.startswith("error: IdTokenizer: ids of '4 9' must lie"), last_line

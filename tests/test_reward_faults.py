@@ -3,8 +3,6 @@ naming the step, the batch index and the prompt, with the state before that step
 
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,8 +15,6 @@ from bond_jax.tasks import default_assets
 import faulty_rewards
 import tiny_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def user_reward_config(policy_dir, data_dir, kind, function, **overrides):
@@ -47,16 +43,8 @@ def test_a_reward_of_the_wrong_shape_or_type_stops_the_run_before_compiling(
 
 def test_the_run_script_reports_a_bad_reward_in_one_line(tiny_policy_dir, prompt_data_dir, tmp_path):
   config = user_reward_config(tiny_policy_dir, prompt_data_dir, "python", "faulty_rewards:one_value")
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "experiments", "run.py"),
-       "--config=" + os.path.join(REPO, "configs", "default.py"), f"--workdir={tmp_path / 'run'}",
-       *tiny_run.command_line_flags(config)],
-      cwd=REPO, env=dict(os.environ, PYTHONPATH=TESTS, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
-      capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode != 0
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  assert result.stderr.strip().splitlines()[-1].startswith(
-      "error: the text reward returned values of shape (1,)"), result.stderr[-3000:]
+  last_line = tiny_run.run_script_error(str(tmp_path / "run"), tiny_run.command_line_flags(config))
+  assert last_line.startswith("error: the text reward returned values of shape (1,)"), last_line
 
 
 def first_train_batch(config, workdir):

@@ -4,6 +4,8 @@ import functools
 import json
 import os
 import shutil
+import subprocess
+import sys
 from unittest import mock
 
 import jax
@@ -212,3 +214,29 @@ def train_counting_compiles(config, workdir: str) -> tuple[dict, int]:
   second_step = [i for i, e in enumerate(events) if e == "batch"][1]
   last_record = events.index(("train record", config.num_steps))
   return summary, events[second_step:last_record].count("compile")
+
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+
+
+def run_script_args(workdir: str, flags: list[str]) -> list[str]:
+  """The command line of `experiments/run.py` on `configs/default.py` with `flags` (e.g. `command_line_flags`)."""
+  return [sys.executable, os.path.join(REPO, "experiments", "run.py"),
+          "--config=" + os.path.join(REPO, "configs", "default.py"), f"--workdir={workdir}", *flags]
+
+
+def script_env(**variables: str) -> dict[str, str]:
+  """This environment with one simulated device and this folder importable (`faulty_rewards:...` functions),
+  plus `variables`."""
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+              PYTHONPATH=os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])), **variables)
+
+
+def run_script_error(workdir: str, flags: list[str]) -> str:
+  """Runs `experiments/run.py`, asserts that it failed without a traceback, and returns its last stderr line."""
+  result = subprocess.run(run_script_args(workdir, flags), cwd=REPO, env=script_env(), capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode != 0, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  return result.stderr.strip().splitlines()[-1]
