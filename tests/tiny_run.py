@@ -234,9 +234,13 @@ def script_env(**variables: str) -> dict[str, str]:
 
 
 def run_script_error(workdir: str, flags: list[str]) -> str:
-  """Runs `experiments/run.py`, asserts that it failed without a traceback, and returns its last stderr line."""
+  """Runs `experiments/run.py`, asserts that it exited with 1 and one `error:` line, as its last, without a
+  traceback, and returns that line."""
   result = subprocess.run(run_script_args(workdir, flags), cwd=REPO, env=script_env(), capture_output=True,
                           text=True, timeout=300, check=False)
-  assert result.returncode != 0, result.stderr[-3000:]
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  return result.stderr.strip().splitlines()[-1]
+  output = result.stdout + result.stderr
+  assert result.returncode == 1, output[-3000:]
+  assert "Traceback" not in output, output[-3000:]
+  errors = [line for line in output.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1], output[-3000:]
+  return errors[0]
