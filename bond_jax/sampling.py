@@ -26,7 +26,8 @@ from jax import lax
 import jax.numpy as jnp
 
 from bond_jax.models.config import ModelConfig
-from bond_jax.models.transformer import Cache, Params, forward, init_cache, positions_from_mask
+from bond_jax.models.transformer import (Cache, Params, cast_to_compute_dtype, forward, init_cache,
+                                         positions_from_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +193,7 @@ def sample(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.
                      f"{model_config.max_seq_len}.")
   n = batch * samples
 
+  params = cast_to_compute_dtype(params, model_config)  # once, rather than at every decoding step
   logits, positions, cache = _prefill(params, model_config, prompts, prompt_mask, samples, time)
   row_keys = _row_keys(rng, batch)
   keys = jax.vmap(lambda key: jax.random.split(key, samples))(row_keys)

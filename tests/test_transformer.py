@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bond_jax.models import ModelConfig, forward, init_cache, init_params, positions_from_mask, tiny
+from bond_jax.models import (ModelConfig, cast_to_compute_dtype, forward, init_cache, init_params, positions_from_mask,
+                             tiny)
 
 CONFIGS = {
     "llama": tiny(),  # GQA (4 query heads share 2 kv heads), SwiGLU, untied head
@@ -206,3 +207,17 @@ def test_bfloat16_compute_tracks_float32():
 def test_config_validation(overrides, field):
   with pytest.raises(ValueError, match=field):
     tiny(**overrides)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_casting_weights_to_the_compute_dtype_changes_no_output(name):
+  config = dataclasses.replace(CONFIGS[name], dtype="bfloat16")
+  params = random_params(config)
+  cast = cast_to_compute_dtype(params, config)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(cast):
+    # Matrices (and 2-D biases) in bfloat16; norm scales, read in float32 by the model, untouched.
+    assert leaf.dtype == (jnp.bfloat16 if leaf.ndim >= 2 else jnp.float32), jax.tree_util.keystr(path)
+  tokens = np.random.default_rng(5).integers(0, config.vocab_size, (2, SEQ))
+  mask = np.ones_like(tokens, bool)
+  mask[1, :3] = False
+  np.testing.assert_array_equal(run(cast, config, tokens, mask), run(params, config, tokens, mask))
