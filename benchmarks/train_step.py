@@ -79,12 +79,12 @@ SAMPLES_PER_PROMPT = 3  # J-BOND: 1 policy + 2 anchor samples; TRL: num_generati
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def matmul_flops_per_s(repeats: int) -> float:
-  """Measured float32 matmul FLOP/s of the default JAX device (all its cores), from the fastest of `repeats`."""
-  n = 2048
-  a = jnp.ones((n, n), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
-  return 2 * n**3 / min(wall_times(lambda: matmul(a).block_until_ready(), repeats))
+def matmul_flops_per_s(repeats: int, n: int = 2048, dtype=jnp.float32) -> float:
+  """Measured `n`^3 matmul FLOP/s of the default JAX device (all its cores), from the fastest of `repeats`, on
+  random data (some chips multiply zeros faster)."""
+  a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype) for i in range(2))
+  matmul = jax.jit(jnp.matmul)
+  return 2 * n**3 / min(wall_times(lambda: matmul(a, b).block_until_ready(), repeats))
 
 
 def model_config(shape: str, tokenizer) -> ModelConfig:
