@@ -36,7 +36,8 @@ class IdTokenizer:
     except ValueError as e:
       raise prompt_batches.PromptError(f"IdTokenizer reads space-separated integers, got {text[:80]!r}.") from e
     if not all(0 <= i < self.vocab_size for i in ids):
-      raise prompt_batches.PromptError(f"IdTokenizer: ids of {text[:80]!r} must lie in [0, vocab_size={self.vocab_size}).")
+      raise prompt_batches.PromptError(
+          f"IdTokenizer: ids of {text[:80]!r} must lie in [0, vocab_size={self.vocab_size}).")
     return ids
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:

@@ -38,6 +38,7 @@ class PromptError(ValueError):
   """The prompts cannot be used: none is usable, one does not fit the model's tokenizer, or a file or dataset
   holding them is missing or malformed."""
 
+
 # "yielded": prompts in global batches so far; the others: prompts truncated or skipped, by reason.
 COUNT_KEYS = ("yielded", "truncated", "rejected", "empty", "undecodable")
 
@@ -179,7 +180,7 @@ class PromptIterator:
     """Continues from `state` (from `get_state` of an iterator over the same prompts with the same seed)."""
     if (state["num_prompts"], state["seed"]) != (len(self._texts), self._seed):
       raise PromptError(f"state for {state['num_prompts']} prompts with seed {state['seed']} does not fit the "
-                       f"{self._name!r} iterator over {len(self._texts)} prompts with seed {self._seed}.")
+                        f"{self._name!r} iterator over {len(self._texts)} prompts with seed {self._seed}.")
     self._epoch, self._index = int(state["epoch"]), int(state["index"])
     self.counts = {key: int(state["counts"][key]) for key in COUNT_KEYS}
 
@@ -234,8 +235,8 @@ class PromptIterator:
       return self._skip("empty", position, raw)
     if self._vocab_size is not None and not all(0 <= i < self._vocab_size for i in ids):
       raise PromptError(f"prompt {position} of {self._name!r} ({text[:80]!r}) encodes to token ids outside "
-                       f"[0, vocab_size={self._vocab_size}): {[i for i in ids if not 0 <= i < self._vocab_size]}; "
-                       "the tokenizer does not match the model.")
+                        f"[0, vocab_size={self._vocab_size}): {[i for i in ids if not 0 <= i < self._vocab_size]}; "
+                        "the tokenizer does not match the model.")
     if len(ids) > self._prompt_len:
       if self._overlong == "reject":
         return self._skip("rejected", position, raw, f"{len(ids)} tokens > prompt_len {self._prompt_len}")

@@ -37,7 +37,8 @@ def read_text_prompts(path: str) -> list[str]:
 def read_jsonl_prompts(path: str, text_key: str = "prompt") -> list[str]:
   """The `text_key` field of each JSON object line of `path` (blank lines are ignored).
 
-  Raises `prompt_batches.PromptError` naming the line for invalid JSON, a missing key or a value that is not a string.
+  Raises `prompt_batches.PromptError` naming the line for invalid JSON, a missing key or a value that is not a
+  string.
 
   Example:
     >>> read_jsonl_prompts("prompts.jsonl", text_key="prompt")   # lines like {"prompt": "The movie was"}

@@ -123,7 +123,8 @@ class TextColumn:
 def tfds_text_split(name: str, data_dir: str, split: str, text_key: str) -> TextColumn:
   """Feature `text_key` of split `split` of TFDS dataset `name` prepared (ArrayRecord) in `data_dir`.
 
-  Never downloads or prepares. Raises `prompt_batches.PromptError` naming what is missing: the dataset, the split or the feature.
+  Never downloads or prepares. Raises `prompt_batches.PromptError` naming what is missing: the dataset, the split
+  or the feature.
 
   Example:
     >>> documents = tfds_text_split("xsum", data_dir="~/tfds", split="train", text_key="document")
@@ -131,17 +132,21 @@ def tfds_text_split(name: str, data_dir: str, split: str, text_key: str) -> Text
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise prompt_batches.PromptError(f"TFDS dataset name={name!r} is neither registered nor prepared in data_dir={data_dir!r}."
-                     ) from e
+    raise prompt_batches.PromptError(
+        f"TFDS dataset name={name!r} is neither registered nor prepared in data_dir={data_dir!r}.") from e
   if not builder.is_prepared():
-    raise prompt_batches.PromptError(f"TFDS dataset name={name!r} is not prepared in data_dir={data_dir!r}; prepare it offline "
-                     f"first, e.g. `tfds build {name} --data_dir={data_dir} --file_format=array_record` "
-                     f"(for {BondPrompts.name!r}: `build_prompt_dataset`).")
+    raise prompt_batches.PromptError(
+        f"TFDS dataset name={name!r} is not prepared in data_dir={data_dir!r}; prepare it offline first, e.g. "
+        f"`tfds build {name} --data_dir={data_dir} --file_format=array_record` (for {BondPrompts.name!r}: "
+        "`build_prompt_dataset`).")
   if split.split("[")[0] not in builder.info.splits:
-    raise prompt_batches.PromptError(f"split={split!r} is not a split of {name!r}; it has {sorted(builder.info.splits)}.")
+    raise prompt_batches.PromptError(
+        f"split={split!r} is not a split of {name!r}; it has {sorted(builder.info.splits)}.")
   features = builder.info.features
   if text_key not in features:
-    raise prompt_batches.PromptError(f"text_key={text_key!r} is not a feature of {name!r}; it has {sorted(features.keys())}.")
+    raise prompt_batches.PromptError(
+        f"text_key={text_key!r} is not a feature of {name!r}; it has {sorted(features.keys())}.")
   if not isinstance(features[text_key], tfds.features.Text):
-    raise prompt_batches.PromptError(f"text_key={text_key!r} of {name!r} is a {type(features[text_key]).__name__}, not Text.")
+    raise prompt_batches.PromptError(
+        f"text_key={text_key!r} of {name!r} is a {type(features[text_key]).__name__}, not Text.")
   return TextColumn(builder.as_data_source(split=split), text_key)
