@@ -1,9 +1,10 @@
 """The fused J-BOND step of several checkouts of bond_jax, timed in turns on the same machine: one change's effect.
 
 Each round runs every checkout once, in its own subprocess (its own `bond_jax` first on `sys.path`), on the shape
-and settings of `train_step.py` (random weights, the shipped sentiment reward): a compile, then `--periods`
-logging periods of `log_every` steps, timed as seconds per step (median). A shared machine's load drifts over
-minutes, so the checkouts alternate and each round's ratio to the first checkout is reported, with their median.
+and settings of `train_step.py` (random weights, the shipped sentiment reward), timed by its `time_fused_step`: a
+compiling logging period of `log_every` steps, then `--periods` timed ones, as seconds per step (median). A shared
+machine's load drifts over minutes, so the checkouts alternate and each round's ratio to the first checkout is
+reported, with their median.
 
   git worktree add /tmp/before <rev>
   python benchmarks/compare_steps.py /tmp/before . --shape large --rounds 3
@@ -18,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,27 +36,14 @@ def time_checkout(checkout: str, shape: str, periods: int) -> float:
 
 def worker(checkout: str, shape: str, periods: int) -> dict:
   """Times the fused step of the `bond_jax` importable here, which must be `checkout`'s."""
-  import jax  # pylint: disable=g-import-not-at-top  (only the worker imports JAX and bond_jax)
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import bond_jax  # pylint: disable=g-import-not-at-top
-  from bond_jax import train_state, train_step  # pylint: disable=g-import-not-at-top
+  import bond_jax  # pylint: disable=g-import-not-at-top  (only the worker imports JAX and bond_jax)
   import train_step as benchmark  # pylint: disable=g-import-not-at-top  (this folder's train_step.py)
 
   if not os.path.abspath(bond_jax.__file__).startswith(os.path.abspath(checkout)):
     raise RuntimeError(f"imported {bond_jax.__file__}, not the bond_jax of {checkout}")
   config, mc, _, params, reward_fn, optimizer, _, batch = benchmark.setup(shape, benchmark.FULL)
-  state = train_state.create_train_state(jax.tree.map(jnp.copy, params), optimizer, seed=0)
-  step = jax.jit(train_step.make_train_step(config, mc, reward_fn, optimizer), donate_argnums=0)
-  state, metrics = step(state, params, batch)
-  jax.block_until_ready(metrics)
-  seconds = []
-  for _ in range(periods):
-    start = time.perf_counter()
-    for _ in range(config.log_every):
-      state, metrics = step(state, params, batch)
-    jax.block_until_ready((state, metrics))
-    seconds.append((time.perf_counter() - start) / config.log_every)
-  return {"step_s": statistics.median(seconds)}
+  step_s, _ = benchmark.time_fused_step(config, mc, params, reward_fn, optimizer, batch, periods)
+  return {"step_s": step_s}
 
 
 def main():

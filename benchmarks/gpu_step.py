@@ -27,6 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from bond_jax import memory_estimate
 from bond_jax import run_config
 from bond_jax import sampling
 from bond_jax import train_state as train_state_lib
@@ -62,13 +63,12 @@ def token_reward(prompts, prompt_mask, tokens, mask):
 def decode_floor(mc: ModelConfig, num_params: int, rows: int, prompt_len: int, steps: int,
                  bytes_per_s: float, flops_per_s: float) -> tuple[float, float]:
   """(seconds, bytes) of `steps` decode steps of `rows` sequences after `prompt_len` prompt tokens at the
-  ceilings: each step reads every weight once in bfloat16 and the visible bfloat16 KV cache, or does its matmuls,
-  whichever takes longer."""
-  kv_bytes_per_token = rows * mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * 2
+  ceilings: each step reads every weight once in bfloat16 and the visible KV cache (`kv_cache_bytes`: bfloat16
+  keys and values, and the mask), or does its matmuls, whichever takes longer."""
   seconds = total_bytes = 0.0
   for j in range(1, steps + 1):
     visible = prompt_len + j
-    step_bytes = 2 * num_params + kv_bytes_per_token * visible
+    step_bytes = 2 * num_params + memory_estimate.kv_cache_bytes(mc, rows, visible)
     seconds += max(step_bytes / bytes_per_s, forward_flops(mc, rows, rows, rows * visible) / flops_per_s)
     total_bytes += step_bytes
   return seconds, total_bytes
@@ -80,10 +80,9 @@ def time_decode(mc, params, batch, new_tokens: int, repeats: int) -> tuple[float
   for tokens in (new_tokens, 1):
     config = sampling.SamplingConfig(max_new_tokens=tokens, num_samples=SAMPLES_PER_PROMPT,
                                      pad_token_id=mc.pad_token_id)
-    sample = jax.jit(lambda p, b, rng, config=config: sampling.sample(p, b["prompts"], b["prompt_mask"], rng,
-                                                                     config, mc))
-    seconds.append(median_seconds(lambda: jax.block_until_ready(sample(params, batch, jax.random.key(3))),
-                                  repeats))
+    sample = lambda config=config: sampling.sample(  # noqa: E731  (jitted: config and mc are static)
+        params, batch["prompts"], batch["prompt_mask"], jax.random.key(3), config, mc)
+    seconds.append(median_seconds(lambda: jax.block_until_ready(sample()), repeats))
   return seconds[0], seconds[1]
 
 

@@ -225,17 +225,23 @@ def time_jbond(config, mc, params, reward_fn, optimizer, batch, repeats: int) ->
       "update": median_seconds(run(update, state, batch, policy_out, anchor_out, policy_rewards, anchor_rewards,
                                    policy_anchor_log_probs), repeats),
   }
+  seconds["fused_step"], metrics = time_fused_step(config, mc, params, reward_fn, optimizer, batch, repeats)
+  return seconds, float(metrics["tokens/generated"])
+
+
+def time_fused_step(config, mc, params, reward_fn, optimizer, batch, periods: int) -> tuple[float, dict]:
+  """(seconds per step of `jax.jit(train_step.make_train_step(...))`, the median over `periods` logging periods
+  of `config.log_every` steps after a compiling one; the last step's metrics)."""
   step = jax.jit(train_step_lib.make_train_step(config, mc, reward_fn, optimizer), donate_argnums=0)
-  # A copy: the step donates its state, and `state.params` is `params`, which the step also reads as the reference.
-  holder = {"state": jax.tree.map(jnp.copy, state)}
+  # Copies: the step donates its state, and `params` is also the reference it reads.
+  holder = {"state": train_state_lib.create_train_state(jax.tree.map(jnp.copy, params), optimizer, seed=0)}
 
   def logging_period():
     for _ in range(config.log_every):
       holder["state"], metrics = step(holder["state"], params, batch)
     holder["metrics"] = jax.block_until_ready(metrics)
 
-  seconds["fused_step"] = median_seconds(logging_period, repeats) / config.log_every
-  return seconds, float(holder["metrics"]["tokens/generated"])
+  return median_seconds(logging_period, periods) / config.log_every, holder["metrics"]
 
 
 def run_json(args: list[str], env: dict[str, str] | None = None) -> dict:
