@@ -16,7 +16,6 @@ from bond_jax.models import transformer
 import tiny_run
 
 
-
 def _train_state(config, model_config=None):
   """A train state of `config`'s policy (or of a model of `model_config`) at step 1, as host arrays."""
   params, policy_config, _ = run_components.load_policy(config)

@@ -20,9 +20,6 @@ from bond_jax import checkpointing
 from bond_jax import trainer
 import tiny_run
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
-
 # Where the kills of the loop land, in order; the run then finishes undisturbed. The first kill lands while the
 # run builds its prompt dataset in the workdir; the others after the run made progress since its restart.
 KILL_PLAN = ["dataset"] + ["random", "write"] * 4
@@ -50,7 +47,7 @@ def interruptible_config(policy_dir: str, data_dir: str = "", **overrides):
 
 def start_run(config, workdir: str, log_path: str, env: dict[str, str]) -> subprocess.Popen:
   with open(log_path, "w", encoding="utf-8") as log:
-    return subprocess.Popen(tiny_run.run_script_args(workdir, tiny_run.command_line_flags(config)), cwd=REPO,
+    return subprocess.Popen(tiny_run.run_script_args(workdir, tiny_run.command_line_flags(config)), cwd=tiny_run.REPO,
                             env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -213,7 +210,7 @@ checkpointer.close()
 
 def test_sigkill_while_deleting_an_old_checkpoint_leaves_every_step_readable(tmp_path, fault_tally):
   directory = str(tmp_path / "checkpoints")
-  process = subprocess.run([sys.executable, "-c", _DIE_WHILE_DELETING, directory], cwd=REPO,
+  process = subprocess.run([sys.executable, "-c", _DIE_WHILE_DELETING, directory], cwd=tiny_run.REPO,
                            env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
                            capture_output=True, text=True, timeout=120, check=False)
   assert process.returncode == -signal.SIGKILL, process.stderr[-3000:]

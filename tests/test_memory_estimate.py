@@ -44,6 +44,7 @@ def _prompt_batch_bytes(config, mesh) -> int:
   return prompts_per_device * config.data.prompt_len * (4 + 1)
 
 
+EVEN_TOKEN_REWARD = rewards.token_reward(tiny_run.even_token_reward)  # Jittable, no weights: no reward arguments.
 STEP_AND_RNG_BYTES = 4 + 8  # TrainState.step, int32 scalar; TrainState.rng, uint32[2]; both replicated.
 
 
@@ -89,17 +90,13 @@ def reward_model_fn(policy):
                               rm_config)
 
 
-def even_tokens_reward():
-  return rewards.token_reward(lambda p, pm, g, gm: jnp.sum((g % 2 == 0) & gm, axis=-1))
-
-
 @pytest.fixture(scope="module", params=["one_device", "data_fsdp_tensor"])
 def jbond_step(request, tiny_policy_dir, policy, reward_model_fn):
   """`(config, mesh, estimate, memory_analysis)` of the tiny J-BOND step: on one device with a token reward, and
   on a (2, 2, 2) mesh with a reward model (one compile fewer than both rewards on both meshes)."""
   config = tiny_run.tiny_config(tiny_policy_dir)
   if request.param == "one_device":
-    mesh, reward_fn = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), even_tokens_reward()
+    mesh, reward_fn = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), EVEN_TOKEN_REWARD
   else:
     mesh, reward_fn = sharding.make_mesh((2, 2, 2)), reward_model_fn
   ref_params, model_config = policy
@@ -117,7 +114,7 @@ def bond_step(tiny_policy_dir):
                              mlp_dim=512, max_seq_len=32, eos_token_id=2)
   ref_params = jax.eval_shape(lambda: transformer.init_params(model_config, jax.random.PRNGKey(0)))
   mesh = sharding.make_mesh(config.mesh_shape)
-  return (config, mesh, *compile_train_step(config, model_config, ref_params, even_tokens_reward(), mesh))
+  return (config, mesh, *compile_train_step(config, model_config, ref_params, EVEN_TOKEN_REWARD, mesh))
 
 
 def test_state_parts_are_the_step_arguments_byte_for_byte(jbond_step):

@@ -3,7 +3,6 @@
 import os
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -12,7 +11,6 @@ import pytest
 
 import tiny_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
 TIMEOUT_S = 480
 
@@ -36,11 +34,10 @@ def test_two_processes_match_one_process(tiny_policy_dir, tmp_path, request):
   for i, log in enumerate(logs):
     with open(log, "w", encoding="utf-8") as out:
       processes.append(subprocess.Popen(
-          [sys.executable, os.path.join(REPO, "experiments", "run.py"),
-           "--config=" + os.path.join(REPO, "configs", "default.py"), f"--workdir={workdir}",
-           *tiny_run.command_line_flags(config), f"--config.distributed.coordinator_address={address}",
-           f"--config.distributed.num_processes={NUM_PROCESSES}", f"--config.distributed.process_id={i}"],
-          cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+          tiny_run.run_script_args(workdir, [
+              *tiny_run.command_line_flags(config), f"--config.distributed.coordinator_address={address}",
+              f"--config.distributed.num_processes={NUM_PROCESSES}", f"--config.distributed.process_id={i}"]),
+          cwd=tiny_run.REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
   try:
     # The same run in this process (8 devices), while the two processes work (unless an earlier test made it).
     _, reference, summary, _ = request.getfixturevalue("full_run")

@@ -16,7 +16,6 @@ import faulty_rewards
 import tiny_run
 
 
-
 def user_reward_config(policy_dir, data_dir, kind, function, **overrides):
   return tiny_run.tiny_config(policy_dir, data_dir, **{"reward.kind": kind, "reward.function": function},
                               **overrides)
