@@ -1,4 +1,4 @@
-"""Test set-up: 8 simulated CPU devices, so sharding code is tested everywhere; a tally of the faults tests inject.
+"""Test fixtures (the 8 simulated CPU devices are set up by the root conftest.py) and a tally of injected faults.
 
 At the end of a run that injected faults, pytest prints how many of each kind were injected and how many the code
 survived with nothing lost, and writes them as JSON to the file `$BOND_FAULT_REPORT` names, if set.
@@ -9,17 +9,11 @@ import os
 
 import pytest
 
-# Must be set before jax is imported anywhere.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 
 @pytest.fixture(scope="session")
 def tiny_policy_dir(tmp_path_factory) -> str:
   """A random 1-layer policy on the shipped tokenizer, saved once per session as a Hugging Face checkpoint."""
-  import tiny_run  # pylint: disable=g-import-not-at-top  (imports jax, after the flags above)
+  import tiny_run  # pylint: disable=g-import-not-at-top  (imports jax, after the root conftest's flags)
   return tiny_run.write_tiny_policy(str(tmp_path_factory.mktemp("tiny_policy")))
 
 
