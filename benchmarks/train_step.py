@@ -4,10 +4,12 @@ For each model shape (random weights, the shipped tokenizer, the shipped sentime
 
 - the fused step, `jax.jit(train_step.make_train_step(...))`, timed over whole logging periods (`log_every` = 10
   steps, one of which computes the metrics-only reference log-probabilities) and reported per step, and its
-  parts, each its own jitted function on the same inputs: sampling (1 policy + 2 anchor samples per prompt),
-  scoring (3 text rewards per prompt), anchor log-probabilities (over the policy sample, every step), reference
-  log-probabilities (the same forward, on logged steps only: its share of a step is 1/10 of its time) and update
-  (forward/backward over the policy sample and the Best-of-2 anchor sample, AdamW, EMA anchor);
+  parts, the step's own phases (`train_step.TrainStep`) each jitted on its own on the same inputs: sampling
+  (1 policy + 2 anchor samples per prompt), scoring (3 text rewards per prompt), anchor log-probabilities (the
+  estimate phase without the reference: the anchor's forward over the policy sample, quantiles and the Best-of-2
+  pick, every step), reference log-probabilities (the same forward, on logged steps only: its share of a step is
+  1/10 of its time) and update (forward/backward over the policy sample and the Best-of-2 anchor sample, AdamW,
+  EMA anchor);
 - model FLOPs utilisation (MFU) against the measured matmul rate of this CPU (the fastest of 2048^3 float32
   `jnp` matmuls timed before and after each shape). FLOPs are counted analytically for the work the step does:
   each prompt runs once through the layers and its samples' generated tokens after it (sampling and every
@@ -49,10 +51,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from bond_jax import anchor
-from bond_jax import losses
 from bond_jax import quantiles
 from bond_jax import rewards
 from bond_jax import run_config
@@ -143,52 +142,23 @@ def step_flops(mc: ModelConfig, batch: int, prompt_len: int, new_tokens: int, lo
 
 
 def jbond_parts(config, mc: ModelConfig, reward_fn, optimizer):
-  """The parts of the J-BOND step as jitted functions, in the order and with the work of `train_step`."""
-  policy_sampling = train_step_lib.sampling_config(config, mc, 1)
-  anchor_sampling = train_step_lib.sampling_config(config, mc, 2)
-  log_probs = lambda params, batch, out: train_step_lib.sequence_log_probs(params, mc, batch, out)  # noqa: E731
-  bond = config.bond
+  """The phases of the J-BOND step (`train_step.TrainStep`), each jitted on its own: (sample, score, estimate
+  without the reference, the reference log-probabilities, update), the update being the loss's gradient, the
+  optimizer step and the anchor's move."""
+  step = train_step_lib.make_train_step(config, mc, reward_fn, optimizer)
 
   @jax.jit
-  def sample(state, batch, rng):
-    policy_rng, anchor_rng = jax.random.split(rng)
-    args = batch["prompts"], batch["prompt_mask"]
-    return (sampling.sample(state.params, *args, policy_rng, policy_sampling, mc),
-            sampling.sample(state.anchor_params, *args, anchor_rng, anchor_sampling, mc))
+  def update(state, batch, samples, rewards, estimates):
+    grads = jax.grad(lambda params: step.loss(params, batch, samples, rewards, estimates)[0])(state.params)
+    params, opt_state = step.update(state, grads)
+    return state.replace(params=params, anchor_params=step.move_anchor(state, params), opt_state=opt_state,
+                         step=state.step + 1)
 
-  @jax.jit
-  def score(batch, policy_out, anchor_out):
-    return tuple(reward_fn(batch["prompts"], batch["prompt_mask"], out.tokens, out.mask)
-                 for out in (policy_out, anchor_out))
-
-  @jax.jit
-  def anchor_log_probs(state, batch, policy_out):
-    return log_probs(state.anchor_params, batch, policy_out)
-
-  @jax.jit
-  def ref_log_probs(ref_params, batch, policy_out):
-    return log_probs(ref_params, batch, policy_out)
-
-  @jax.jit
-  def update(state, batch, policy_out, anchor_out, policy_rewards, anchor_rewards, anchor_log_probs):
-    best = quantiles.best_of_n(anchor_rewards)
-    best_out = jax.tree.map(lambda x: jnp.take_along_axis(x, best[:, None, None], axis=1), anchor_out)
-    joint_out = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), policy_out, best_out)
-
-    def loss_fn(params):
-      joint = log_probs(params, batch, joint_out)
-      loss, _ = losses.jbond_loss(joint[:, :1], anchor_log_probs, policy_rewards, anchor_rewards, joint[:, 1:],
-                                  beta=bond.beta, gamma=bond.gamma, penalty=bond.jbond_penalty,
-                                  ties_lose=bond.ties_lose)
-      return loss
-
-    grads = jax.grad(loss_fn)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    return state.replace(params=params, anchor_params=anchor.ema_update(state.anchor_params, params, bond.eta),
-                         opt_state=opt_state, step=state.step + 1)
-
-  return sample, score, anchor_log_probs, ref_log_probs, update
+  return (jax.jit(step.sample), jax.jit(step.score),
+          jax.jit(lambda state, ref_params, batch, samples, rewards: step.estimate(
+              state, ref_params, batch, samples, rewards, with_reference=False)),
+          jax.jit(lambda ref_params, batch, samples: step.log_probs(ref_params, batch, samples.policy)),
+          update)
 
 
 def setup(shape: str, settings: dict, seed: int = 0):
@@ -212,18 +182,17 @@ def time_jbond(config, mc, params, reward_fn, optimizer, batch, repeats: int) ->
   """(seconds of each part and of the fused step, sampled tokens of one fused step)."""
   state = train_state_lib.create_train_state(params, optimizer, seed=0)
   rng = jax.random.key(1)
-  sample, score, anchor_log_probs, ref_log_probs, update = jbond_parts(config, mc, reward_fn, optimizer)
-  policy_out, anchor_out = sample(state, batch, rng)
-  policy_rewards, anchor_rewards = score(batch, policy_out, anchor_out)
-  policy_anchor_log_probs = anchor_log_probs(state, batch, policy_out)
+  sample, score, estimate, ref_log_probs, update = jbond_parts(config, mc, reward_fn, optimizer)
+  samples = sample(state, batch, rng)
+  rewards = score(batch, samples)
+  estimates = estimate(state, params, batch, samples, rewards)
   run = lambda fn, *args: lambda: jax.block_until_ready(fn(*args))  # noqa: E731
   seconds = {
       "sampling": median_seconds(run(sample, state, batch, rng), repeats),
-      "scoring": median_seconds(run(score, batch, policy_out, anchor_out), repeats),
-      "anchor_log_probs": median_seconds(run(anchor_log_probs, state, batch, policy_out), repeats),
-      "ref_log_probs": median_seconds(run(ref_log_probs, params, batch, policy_out), repeats),
-      "update": median_seconds(run(update, state, batch, policy_out, anchor_out, policy_rewards, anchor_rewards,
-                                   policy_anchor_log_probs), repeats),
+      "scoring": median_seconds(run(score, batch, samples), repeats),
+      "anchor_log_probs": median_seconds(run(estimate, state, params, batch, samples, rewards), repeats),
+      "ref_log_probs": median_seconds(run(ref_log_probs, params, batch, samples), repeats),
+      "update": median_seconds(run(update, state, batch, samples, rewards, estimates), repeats),
   }
   seconds["fused_step"], metrics = time_fused_step(config, mc, params, reward_fn, optimizer, batch, repeats)
   return seconds, float(metrics["tokens/generated"])

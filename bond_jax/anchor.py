@@ -1,9 +1,12 @@
-"""The moving anchor of iterative BOND (spec section 4): an EMA of the policy parameters."""
+"""The moving anchor of iterative BOND: an EMA of the policy parameters, or periodic copies of them (docs/method.md,
+"Iterative BOND and the moving anchor")."""
 
+import dataclasses
 import numbers
 
 import chex
 import jax
+import jax.numpy as jnp
 
 
 def ema_update(anchor_params: chex.ArrayTree, params: chex.ArrayTree, eta) -> chex.ArrayTree:
@@ -31,3 +34,46 @@ def ema_update(anchor_params: chex.ArrayTree, params: chex.ArrayTree, eta) -> ch
       anchor_params,
       params,
   )
+
+
+ANCHOR_MODES = ("ema", "fixed", "periodic")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnchorSchedule:
+  """How the anchor moves after each optimizer step (docs/method.md, "Iterative BOND and the moving anchor").
+
+  Attributes:
+    mode: "ema" (`ema_update` with rate `eta` every step), "fixed" (stays where it started: the reference, so
+      the method distils Best-of-N of the reference) or "periodic" (a copy of the policy every `period` steps:
+      iterative BOND with hard resets).
+    eta: the EMA rate, in (0, 1].
+    period: steps between copies, for "periodic".
+
+  Example:
+    >>> schedule = AnchorSchedule(mode="periodic", period=2)
+    >>> [float(schedule.update(jnp.zeros(()), jnp.ones(()), step=jnp.asarray(s))) for s in range(4)]
+    [0.0, 1.0, 0.0, 1.0]
+  """
+
+  mode: str = "ema"
+  eta: float = 0.02
+  period: int = 100
+
+  def __post_init__(self):
+    if self.mode not in ANCHOR_MODES:
+      raise ValueError(f"AnchorSchedule.mode must be one of {ANCHOR_MODES}, got {self.mode!r}.")
+
+  @property
+  def moves(self) -> bool:
+    """Whether the anchor ever differs from where it started."""
+    return self.mode != "fixed"
+
+  def update(self, anchor_params: chex.ArrayTree, params: chex.ArrayTree, step) -> chex.ArrayTree:
+    """The anchor after the optimizer step `step` (0-based, a traced int) produced `params`."""
+    if self.mode == "ema":
+      return ema_update(anchor_params, params, self.eta)
+    if self.mode == "periodic":
+      copy = (step + 1) % self.period == 0
+      return jax.tree.map(lambda a, p: jnp.where(copy, p, a), anchor_params, params)
+    return anchor_params

@@ -2,7 +2,8 @@
 
 Per prompt, the reference draws two pools of `num_ref_samples`: the first picks the Best-of-N samples, the second
 is a fresh reference against which every quantile is measured (so Best-of-N is never ranked against its own
-candidates). Quantiles are mid-ranks, `(p_lt + p_le) / 2`: a reference sample scores 1/2 in expectation even
+candidates). Every sample is drawn at the run's sampling temperature, and the KL estimate uses the log-probs of
+those tempered distributions (docs/method.md, "Which distributions the estimates refer to"). Quantiles are mid-ranks, `(p_lt + p_le) / 2`: a reference sample scores 1/2 in expectation even
 when rewards tie, and Best-of-N scores `N/(N+1)` in expectation when they don't (`bon_expected_quantile`).
 """
 
@@ -16,7 +17,6 @@ import numpy as np
 from bond_jax import kl
 from bond_jax import quantiles
 from bond_jax import sampling
-from bond_jax import train_step as train_step_lib
 from bond_jax.models.config import ModelConfig
 from bond_jax.rewards import RewardFn
 
@@ -49,8 +49,8 @@ def make_eval_step(config: ml_collections.ConfigDict, model_config: ModelConfig,
     >>> metrics = eval_step(state.params, ref_params, batch, jax.random.PRNGKey(0))
   """
   k = config.eval.num_ref_samples
-  policy_sampling = train_step_lib.sampling_config(config, model_config, NUM_POLICY_SAMPLES)
-  ref_sampling = train_step_lib.sampling_config(config, model_config, 2 * k)
+  policy_sampling = sampling.make_sampling_config(config.sampling, model_config, NUM_POLICY_SAMPLES)
+  ref_sampling = sampling.make_sampling_config(config.sampling, model_config, 2 * k)
   bon_ns: Sequence[int] = tuple(config.eval.bon_ns)
 
   def eval_step(params, ref_params, batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
@@ -61,8 +61,9 @@ def make_eval_step(config: ml_collections.ConfigDict, model_config: ModelConfig,
     policy_rewards = reward_fn(prompts, prompt_mask, policy_out.tokens, policy_out.mask)
     ref_rewards = reward_fn(prompts, prompt_mask, ref_out.tokens, ref_out.mask)
     pool, fresh = ref_rewards[:, :k], ref_rewards[:, k:]
-    policy_log_probs = train_step_lib.sequence_log_probs(params, model_config, batch, policy_out)
-    ref_log_probs = train_step_lib.sequence_log_probs(ref_params, model_config, batch, policy_out)
+    log_probs = lambda p: sampling.sample_log_probs(p, model_config, prompts, prompt_mask, policy_out,  # noqa: E731
+                                                    policy_sampling)
+    policy_log_probs, ref_log_probs = log_probs(params), log_probs(ref_params)
     metrics = {
         "reward/policy": jnp.mean(policy_rewards),
         "reward/reference": jnp.mean(pool),

@@ -1,18 +1,21 @@
-"""Exact KLs of the policy during training, when every generation can be enumerated (BOND spec section 6).
+"""Exact KLs of the policy during training, when every generation can be enumerated (docs/method.md, "Exact
+oracles").
 
 `make_exact_step` builds `exact_step(params, anchor_params, ref_params, batch) -> metrics`: it scores all
 `vocab_size ** max_new_tokens` generations of every prompt of `batch` under the policy, the anchor and the
 reference, and with the reward, and returns exact divergences (nats, averaged over the batch's prompts; the
 trainer passes the `distinct_prompts` of its first held-out batch, so each prompt counts once):
 
-- `exact/kl_pi_bon`, `exact/kl_bon_pi`: `KL(π || π_BoN)` and `KL(π_BoN || π)`, `π_BoN` = Best-of-N of `π_ref`
-  with N the run's target (`bond.n`; 2 for J-BOND);
-- `exact/kl_pi_ref`: `KL(π || π_ref)`; `exact/kl_bon_ref`: `KL(π_BoN || π_ref)`, the value `KL(π || π_ref)` should
-  reach (`log N - (N-1)/N` without ties, less with them);
-- `exact/kl_pi_anchor_bon`: `KL(π || BoN_N(π_anchor))`, the loss's current target (moving anchors only);
+- `exact/kl_pi_ref`: `KL(π || π_ref)`; `exact/reward_policy`: the expected reward under π;
+- for a method with a Best-of-N target (`algorithm.target_n()`: `bond.n`, 2 for J-BOND):
+  `exact/kl_pi_bon`, `exact/kl_bon_pi`: `KL(π || π_BoN)` and `KL(π_BoN || π)`, `π_BoN` = Best-of-N of `π_ref`;
+  `exact/kl_bon_ref`: `KL(π_BoN || π_ref)`, the value `KL(π || π_ref)` should reach (`log N - (N-1)/N` without
+  ties, less with them); `exact/reward_bon`: the expected reward under π_BoN; and, when its anchor moves,
+  `exact/kl_pi_anchor_bon`: `KL(π || BoN_N(π_anchor))`, the loss's current target;
 - `exact/kl_pi_bon{M}` and `exact/kl_bon{M}_ref` for each M in `config.exact.bon_ns` (Best-of-M of `π_ref`: the
   target of iterative BOND after log_n(M) anchor moves);
-- `exact/reward_policy`, `exact/reward_bon`: expected rewards under π and π_BoN.
+
+Distributions are those the run samples: at its sampling temperature.
 
 Example:
   >>> exact_step = jax.jit(make_exact_step(config, model_config, reward_fn))
@@ -26,17 +29,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bond_jax import algorithms
 from bond_jax import exact_oracle
 from bond_jax import run_config
+from bond_jax import sampling
 from bond_jax.models.config import ModelConfig
 from bond_jax.rewards import RewardFn
 
 Batch = dict[str, jax.Array]
-
-
-def target_n(config: ml_collections.ConfigDict) -> int:
-  """The N whose Best-of-N the run distils from its anchor: 2 for J-BOND, else `config.bond.n`."""
-  return 2 if config.algorithm == "jbond" else config.bond.n
 
 
 def distinct_prompts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -85,26 +85,31 @@ def make_exact_step(config: ml_collections.ConfigDict, model_config: ModelConfig
   """
   check_enumerable(config, model_config)
   generations = exact_oracle.all_generations(model_config.vocab_size, config.sampling.max_new_tokens)
-  n = target_n(config)
-  moving_anchor = config.algorithm != "reinforce" and config.bond.anchor != "fixed"
+  algorithm = algorithms.from_config(config)
+  n = algorithm.target_n()
+  distribution = sampling.make_sampling_config(config.sampling, model_config, 1)
 
   def exact_step(params, anchor_params, ref_params, batch: Batch) -> dict[str, jax.Array]:
     prompts, prompt_mask = batch["prompts"], batch["prompt_mask"]
-    log_probs = lambda p: exact_oracle.enumerated_log_probs(p, model_config, prompts, prompt_mask, generations)
+    log_probs = lambda p: exact_oracle.enumerated_log_probs(  # noqa: E731
+        p, model_config, prompts, prompt_mask, generations, distribution)
     log_pi, log_ref = log_probs(params), log_probs(ref_params)
     tokens = jnp.broadcast_to(generations, (prompts.shape[0],) + generations.shape)
     rewards = reward_fn(prompts, prompt_mask, tokens, jnp.ones(tokens.shape, bool))
-    log_bon = exact_oracle.bon_log_probs(log_ref, rewards, n)
-    kl = lambda log_p, log_q: jnp.mean(exact_oracle.kl_divergence(log_p, log_q))
+    kl = lambda log_p, log_q: jnp.mean(exact_oracle.kl_divergence(log_p, log_q))  # noqa: E731
     metrics = {
-        "exact/kl_pi_bon": kl(log_pi, log_bon),
-        "exact/kl_bon_pi": kl(log_bon, log_pi),
         "exact/kl_pi_ref": kl(log_pi, log_ref),
-        "exact/kl_bon_ref": kl(log_bon, log_ref),
         "exact/reward_policy": jnp.mean(exact_oracle.expectation(log_pi, rewards)),
-        "exact/reward_bon": jnp.mean(exact_oracle.expectation(log_bon, rewards)),
     }
-    if moving_anchor:
+    if n is not None:
+      log_bon = exact_oracle.bon_log_probs(log_ref, rewards, n)
+      metrics |= {
+          "exact/kl_pi_bon": kl(log_pi, log_bon),
+          "exact/kl_bon_pi": kl(log_bon, log_pi),
+          "exact/kl_bon_ref": kl(log_bon, log_ref),
+          "exact/reward_bon": jnp.mean(exact_oracle.expectation(log_bon, rewards)),
+      }
+    if n is not None and algorithm.anchor_moves:
       metrics["exact/kl_pi_anchor_bon"] = kl(log_pi, exact_oracle.bon_log_probs(log_probs(anchor_params), rewards, n))
     for m in config.exact.bon_ns:
       log_bon_m = exact_oracle.bon_log_probs(log_ref, rewards, m)

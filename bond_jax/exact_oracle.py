@@ -1,4 +1,5 @@
-"""Exact Best-of-N quantities on a generation space small enough to enumerate (BOND spec section 6).
+"""Exact Best-of-N quantities on a generation space small enough to enumerate (docs/method.md, "Exact
+oracles").
 
 With a vocabulary of V tokens, generations of exactly T tokens (no EOS) and a handful of prompts, every one of
 the `V**T` generations can be scored: the policy's, the reference's and Best-of-N's probabilities are then exact,
@@ -55,7 +56,8 @@ def all_generations(vocab_size: int, length: int) -> jax.Array:
 
 
 def enumerated_log_probs(params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
-                         generations: jax.Array) -> jax.Array:
+                         generations: jax.Array, sampling_config: sampling.SamplingConfig | None = None,
+                         ) -> jax.Array:
   """`log π(y | x)` of every generation `y` for every prompt `x`, by one forward over prompt + generation.
 
   The generations sum to probability 1 per prompt only when they are the whole space (`all_generations`) and
@@ -67,6 +69,8 @@ def enumerated_log_probs(params, model_config: ModelConfig, prompts: jax.Array, 
     prompts: `[batch, prompt_len]` int32, left- or right-padded.
     prompt_mask: `[batch, prompt_len]` bool.
     generations: `[num_generations, time]` int32, every generation (shared by all prompts).
+    sampling_config: the sampling distribution to enumerate (its temperature applied; see
+      `sampling.generation_log_probs`), or None for the model's own.
 
   Returns:
     `[batch, num_generations]` float32 sequence log-probabilities.
@@ -77,7 +81,7 @@ def enumerated_log_probs(params, model_config: ModelConfig, prompts: jax.Array, 
   chex.assert_rank([prompts, prompt_mask, generations], 2)
   tokens = jnp.broadcast_to(generations, (prompts.shape[0],) + generations.shape)
   token_log_probs = sampling.generation_log_probs(params, model_config, prompts, prompt_mask, tokens,
-                                                  jnp.ones(tokens.shape, bool))
+                                                  jnp.ones(tokens.shape, bool), sampling_config)
   return jnp.sum(token_log_probs, axis=-1)
 
 
@@ -118,7 +122,7 @@ def exact_quantiles(ref_log_probs: jax.Array, rewards: jax.Array) -> tuple[jax.A
 def bon_log_probs(ref_log_probs: jax.Array, rewards: jax.Array, n: int) -> jax.Array:
   """`log π_BoN(y)` of Best-of-`n` of `π_ref` for every generation, by Theorem 1 with exact quantiles.
 
-  Best-of-`n` of Best-of-`m` is Best-of-`n·m` (spec section 2), so `n = 2**t` is the target of `t` rounds of
+  Best-of-`n` of Best-of-`m` is Best-of-`n·m` (docs/method.md, Theorem 1), so `n = 2**t` is the target of `t` rounds of
   iterative BOND with `n = 2`.
 
   Args:

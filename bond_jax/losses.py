@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from bond_jax import kl
 from bond_jax import quantiles
 
-REWARD_FORMS = ("tie_aware", "log_quantile")
+REWARD_FORMS = ("tie_aware", "log_quantile")  # BOND's backward-KL reward (`bond_log_ratio`).
+JBOND_REWARD_FORMS = ("penalty", "tie_aware")  # J-BOND's reward (`jbond_reward`, `jbond_tie_aware_reward`).
 BASELINES = ("samples", "batch", "none")
 
 Metrics = dict[str, chex.Array]
@@ -403,7 +404,7 @@ def jbond_loss(
     gamma: float = 0.0,
     penalty: float = math.log(16),
     ties_lose: bool = False,
-    reward_form: str = "log_quantile",
+    reward_form: str = "penalty",
     mask: chex.Array | None = None,
     bon_mask: chex.Array | None = None,
 ) -> tuple[chex.Array, Metrics]:
@@ -412,7 +413,7 @@ def jbond_loss(
   - forward: NLL of the Best-of-k anchor sample (`best_of_n(anchor_rewards)`).
   - backward: score function with cost `-reward + log π(y) - log π_anchor(y)` (the negated
     J-BOND return), centred with a leave-one-out *batch* average (one sample per prompt). The
-    reward is the paper's `jbond_reward` (`reward_form="log_quantile"`, a bounded stand-in for
+    reward is the paper's `jbond_reward` (`reward_form="penalty"`, a bounded stand-in for
     `log p_le`) or `jbond_tie_aware_reward` (`"tie_aware"`, the estimated exact Best-of-2 log
     ratio; use it whenever rewards tie, e.g. verifiable right/wrong rewards).
   - KL: score function with cost `log π(y) - log π_anchor(y)`, same baseline, so its gradient is
@@ -426,9 +427,9 @@ def jbond_loss(
     bon_policy_log_probs: `[batch, ...]` `log π_θ(y'_best)`, differentiable.
     beta: backward weight in `[0, 1]`.
     gamma: weight of the anchor KL, >= 0.
-    penalty: see `jbond_reward` (`"log_quantile"` only).
-    ties_lose: see `jbond_reward` (`"log_quantile"` only).
-    reward_form: `"log_quantile"` (the paper's reward) or `"tie_aware"`.
+    penalty: see `jbond_reward` (`"penalty"` only).
+    ties_lose: see `jbond_reward` (`"penalty"` only).
+    reward_form: `"penalty"` (the paper's reward) or `"tie_aware"`.
     mask: optional `[batch, samples]` validity of the policy samples.
     bon_mask: optional validity for `bon_policy_log_probs`.
 
@@ -443,7 +444,7 @@ def jbond_loss(
   """
   _check_real(beta, "beta", 0.0, 1.0)
   _check_real(gamma, "gamma", 0.0)
-  _check_choice(reward_form, "reward_form", REWARD_FORMS)
+  _check_choice(reward_form, "reward_form", JBOND_REWARD_FORMS)
   chex.assert_equal_shape([policy_log_probs, anchor_log_probs, policy_rewards])
   mask = _valid(mask, policy_log_probs)
   if reward_form == "tie_aware":

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from bond_jax import algorithms
 from bond_jax import evaluation
 from bond_jax import sharding
 from bond_jax import train_state as train_state_lib
-from bond_jax import train_step as train_step_lib
 from bond_jax.models.config import ModelConfig
 from bond_jax.rewards import RewardFn
 
@@ -215,7 +215,7 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   The train state is built abstractly (`jax.eval_shape` of `train_state.create_train_state`) and sharded by
   `sharding.param_shardings`, as `trainer.sharded_train_state` does. Prompts per device are `batch_size / (data x
   fsdp)`. The KV cache is the largest of the sampler's: policy and anchor samples of a train step
-  (`train_step.samples_per_prompt`), and evaluation's `evaluation.NUM_POLICY_SAMPLES` policy samples and `2 x
+  (`algorithm.sample_counts()`), and evaluation's `evaluation.NUM_POLICY_SAMPLES` policy samples and `2 x
   eval.num_ref_samples` reference samples. The activations are the largest of: the update's forward and backward
   over the policy samples and the Best-of-n anchor samples, and the forward-only passes of the log-probs
   (training's over the policy samples, evaluation's over its policy samples). Not counted: a reward model's own
@@ -240,14 +240,13 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   state = jax.eval_shape(init, ref_params)
   state_shardings = sharding.param_shardings(state, mesh)
   state_bytes = lambda field: per_device_bytes(getattr(state, field), getattr(state_shardings, field))  # noqa: E731
-  anchor_moves = config.algorithm != "reinforce" and config.bond.anchor != "fixed"
+  algorithm = algorithms.from_config(config)
   reward_bytes = 0 if reward_fn is None else per_device_bytes(reward_fn, sharding.param_shardings(reward_fn, mesh))
 
   prompts_per_device = config.batch_size // _data_parallel_size(mesh)
   prompt_len, new_tokens = config.data.prompt_len, config.sampling.max_new_tokens
-  num_policy, num_anchor = train_step_lib.samples_per_prompt(config)
-  num_best = 0 if config.algorithm == "reinforce" else (
-      1 if config.algorithm == "jbond" else num_anchor // config.bond.n)
+  num_policy, num_anchor = algorithm.sample_counts()
+  num_best = algorithm.num_best_of_n()
   most_samples = max(num_policy, num_anchor, evaluation.NUM_POLICY_SAMPLES, 2 * config.eval.num_ref_samples)
   tensor = mesh.shape.get("tensor", 1)
   passes = functools.partial(activation_bytes, model_config, seq_len=prompt_len + new_tokens,
@@ -260,7 +259,7 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
       reward_params=reward_bytes,
       gradients=state_bytes("params"),
       optimizer_update=(state_bytes("params") + state_bytes("opt_state")
-                        + (state_bytes("anchor_params") if anchor_moves else 0)),
+                        + (state_bytes("anchor_params") if algorithm.anchor_moves else 0)),
       fsdp_gathered_params=fsdp_gathered_bytes(state.params, mesh),
       kv_cache=kv_cache_bytes(model_config, prompts_per_device * most_samples, prompt_len + new_tokens - 1),
       activations=max(

@@ -10,19 +10,20 @@ Example:
   >>> validate(config)
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
-ALGORITHMS = ("jbond", "bond", "reinforce")
-ANCHOR_MODES = ("ema", "fixed", "periodic")
-REWARD_FORMS = ("log_quantile", "tie_aware")
-DATA_SOURCES = ("default", "prompt_file", "tfds", "inline")
+from bond_jax import algorithms
+from bond_jax import anchor
+from bond_jax import sharding
+from bond_jax.data import prompt_batches
+
 REWARD_KINDS = ("default", "reward_model", "python", "python_tokens")
 USER_REWARD_KINDS = ("python", "python_tokens")  # The user's own code: checked on real prompts before compiling.
 POLICY_SOURCES = ("default", "hf_checkpoint", "init")
-OVERLONG_POLICIES = ("truncate", "reject")
+DATA_SOURCES = ("default", "prompt_file", "tfds", "inline")
 
 
 class ConfigError(ValueError):
@@ -32,7 +33,9 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
   """Returns the full config with defaults: the embedded default J-BOND run on CPU."""
   c = ml_collections.ConfigDict()
-  c.algorithm = "jbond"  # "jbond" | "bond" (general N) | "reinforce" (the paper's baseline).
+  # A registered `algorithms.Algorithm`: "jbond" | "bond" (general N) | "reinforce" (the paper's baseline). Its
+  # hyperparameters are the group of the same name below (`algorithms.JBond`, `Bond`, `Reinforce` say what each is).
+  c.algorithm = "jbond"
   c.seed = 0  # Seeds init, data order and sampling.
   c.num_steps = 300  # Optimizer steps.
   c.batch_size = 16  # Prompts per step, across all hosts; divisible by the mesh's data x fsdp size.
@@ -86,7 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.max_new_tokens = 24  # Generated tokens per sample.
-  c.sampling.temperature = 1.0  # Sampling temperature for training samples (1.0 samples the policy itself).
+  # Sampling temperature of every sample (training and evaluation). Every log-probability the losses and KL
+  # estimates use is the tempered one, of the policy, the anchor and the reference alike: the methods train and
+  # measure the tempered policy (docs/method.md, "Which distributions the estimates refer to").
+  c.sampling.temperature = 1.0
+  # Truncations, refused by the shipped methods (different supports per model make their KL terms infinite).
   c.sampling.top_k = 0  # 0: off.
   c.sampling.top_p = 1.0  # 1.0: off.
 
@@ -99,19 +106,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.99
   c.optimizer.grad_clip = 1.0  # Global-norm clipping; 0 disables it.
 
-  c.bond = ml_collections.ConfigDict()
-  c.bond.n = 8  # Best-of-N target for algorithm "bond" (J-BOND always distils Best-of-2 of its anchor).
-  c.bond.num_anchor_samples = 16  # k: anchor samples per prompt for quantiles ("bond"; >= n).
-  c.bond.num_policy_samples = 2  # Policy samples per prompt ("bond", "reinforce"; >= 2 for leave-one-out).
-  c.bond.beta = 0.5  # Jeffreys weight: (1-beta) forward KL + beta backward KL.
-  c.bond.gamma = 0.0  # J-BOND: weight of KL(policy || anchor).
-  c.bond.eta = 0.02  # EMA anchor rate: anchor <- (1-eta) anchor + eta policy.
-  c.bond.anchor = "ema"  # "ema" | "fixed" (distil BoN of the reference) | "periodic" (swap every period).
-  c.bond.anchor_period = 100  # Steps between anchor swaps for anchor "periodic".
-  c.bond.reward_form = "log_quantile"  # "log_quantile" (paper) | "tie_aware" (exact under ties); "bond" and "jbond".
-  c.bond.jbond_penalty = 2.772588722239781  # J-BOND reward when losing to both anchor samples: -penalty (log 16).
-  c.bond.ties_lose = False  # J-BOND: a tie with both anchor samples counts as losing (the paper's appendix).
-  c.bond.kl_coef = 0.05  # REINFORCE: KL(policy || reference) coefficient.
+  # How the anchor of "jbond" and "bond" moves after each step (`anchor.AnchorSchedule`).
+  c.anchor = ml_collections.ConfigDict()
+  c.anchor.mode = "ema"  # "ema" | "fixed" (stays at the reference: distil BoN of the reference) | "periodic".
+  c.anchor.eta = 0.02  # EMA rate: anchor <- (1-eta) anchor + eta policy.
+  c.anchor.period = 100  # Steps between copies of the policy, for mode "periodic".
+
+  # One group per registered algorithm, its hyperparameters with their defaults.
+  for name in algorithms.names():
+    c[name] = algorithms.config_defaults(algorithms.get(name))
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_ref_samples = 16  # Reference samples per held-out prompt for quantiles and Best-of-N.
@@ -119,8 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.exact = ml_collections.ConfigDict()
   # Steps between exact KLs over every generation (0: off), on the distinct prompts of the first held-out batch
-  # (`exact_evaluation`). Needs an enumerable space: no EOS, vocab_size ** max_new_tokens <= 65536, and sampling
-  # at temperature 1 without top-k or top-p.
+  # (`exact_evaluation`). Needs an enumerable space: no stop token, vocab_size ** max_new_tokens <= 65536.
   c.exact.every = 0
   c.exact.bon_ns = ()  # Best-of-N sizes of the reference with their own exact KLs (e.g. 2, 4, 8, 16 for iterative).
 
@@ -131,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _allowed(choices: Sequence[str]) -> Callable[[Any], bool]:
+def _allowed(choices: tuple[str, ...]) -> Callable[[Any], bool]:
   return lambda v: v in choices
 
 
@@ -149,7 +151,6 @@ def _unit_interval(v) -> bool:
 
 # field -> (test, what is allowed)
 _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "algorithm": (_allowed(ALGORITHMS), f"one of {ALGORITHMS}"),
     "num_steps": (_positive, "a positive integer"),
     "batch_size": (_positive, "a positive integer"),
     "log_every": (_positive, "a positive integer"),
@@ -166,7 +167,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reward.kind": (_allowed(REWARD_KINDS), f"one of {REWARD_KINDS}"),
     "data.source": (_allowed(DATA_SOURCES), f"one of {DATA_SOURCES}"),
     "data.prompt_len": (_positive, "a positive integer"),
-    "data.overlong": (_allowed(OVERLONG_POLICIES), f"one of {OVERLONG_POLICIES}"),
+    "data.overlong": (_allowed(prompt_batches.OVERLONG_POLICIES), f"one of {prompt_batches.OVERLONG_POLICIES}"),
     "sampling.max_new_tokens": (_positive, "a positive integer"),
     "sampling.temperature": (_positive, "a positive number"),
     "sampling.top_k": (_non_negative, "a non-negative integer (0: off)"),
@@ -178,17 +179,9 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer.b1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "optimizer.b2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "optimizer.grad_clip": (_non_negative, "a non-negative number (0: off)"),
-    "bond.n": (lambda v: v >= 1, "an integer >= 1"),
-    "bond.num_anchor_samples": (_positive, "a positive integer"),
-    "bond.num_policy_samples": (_positive, "a positive integer"),
-    "bond.beta": (_unit_interval, "a number in [0, 1]"),
-    "bond.gamma": (_non_negative, "a non-negative number"),
-    "bond.eta": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "bond.anchor": (_allowed(ANCHOR_MODES), f"one of {ANCHOR_MODES}"),
-    "bond.anchor_period": (_positive, "a positive integer"),
-    "bond.reward_form": (_allowed(REWARD_FORMS), f"one of {REWARD_FORMS}"),
-    "bond.jbond_penalty": (_non_negative, "a non-negative number"),
-    "bond.kl_coef": (_non_negative, "a non-negative number"),
+    "anchor.mode": (_allowed(anchor.ANCHOR_MODES), f"one of {anchor.ANCHOR_MODES}"),
+    "anchor.eta": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "anchor.period": (_positive, "a positive integer"),
     "eval.num_ref_samples": (lambda v: v >= 2, "an integer >= 2"),
     "exact.every": (_non_negative, "a non-negative integer (0: off)"),
     "exact.bon_ns": (lambda v: all(isinstance(n, int) and n >= 1 for n in v), "a sequence of integers >= 1"),
@@ -241,25 +234,39 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     num_devices: devices available (all hosts); when given, the mesh is checked against it.
   """
   _check_against_schema(config, base_config())
-  for field, (ok, allowed) in _FIELD_RULES.items():
+  if config.algorithm not in algorithms.names():
+    _fail("algorithm", config.algorithm, f"a registered algorithm, one of {algorithms.names()}")
+  if config.algorithm not in config:
+    _fail("algorithm", config.algorithm, f"an algorithm whose group config.{config.algorithm} the config has (make "
+          "the config with run_config.base_config() after registering the algorithm)")
+  # Groups of algorithms registered after the config was made are not in it.
+  rules = _FIELD_RULES | {f"{name}.{field}": rule for name in algorithms.names() if name in config
+                          for field, rule in algorithms.get(name).field_rules.items()}
+  for field, (ok, allowed) in rules.items():
     value = _get(config, field)
     if not ok(value):
       _fail(field, value, allowed)
 
   if len(config.mesh_shape) != len(config.mesh_axes):
     _fail("mesh_shape", tuple(config.mesh_shape), f"one size per axis of mesh_axes {tuple(config.mesh_axes)}")
-  if sum(1 for s in config.mesh_shape if s == -1) > 1 or any(s == 0 or s < -1 for s in config.mesh_shape):
-    _fail("mesh_shape", tuple(config.mesh_shape), "positive sizes with at most one -1")
-  for axis in ("data", "fsdp", "tensor"):
+  try:
+    mesh_shape = sharding.resolve_mesh_shape(config.mesh_shape, num_devices)
+  except ValueError as e:
+    _fail("mesh_shape", tuple(config.mesh_shape), str(e))
+  for axis in sharding.AXIS_NAMES:
     if axis not in config.mesh_axes:
-      _fail("mesh_axes", tuple(config.mesh_axes), "axes including 'data', 'fsdp' and 'tensor'")
+      _fail("mesh_axes", tuple(config.mesh_axes), f"axes including {sharding.AXIS_NAMES}")
 
-  if config.algorithm == "bond" and config.bond.num_anchor_samples < config.bond.n:
-    _fail("bond.num_anchor_samples", config.bond.num_anchor_samples,
-          f"at least bond.n = {config.bond.n} (the forward term needs n anchor samples)")
-  if config.algorithm in ("bond", "reinforce") and config.bond.num_policy_samples < 2:
-    _fail("bond.num_policy_samples", config.bond.num_policy_samples,
-          "at least 2 (the leave-one-out baseline needs two samples per prompt)")
+  algorithm = algorithms.from_config(config)
+  for field, allowed in algorithm.problems():
+    _fail(f"{algorithm.name}.{field}", config[algorithm.name][field], allowed)
+  if not algorithm.supports_truncated_sampling:
+    for field, off in (("top_k", 0), ("top_p", 1.0)):
+      if config.sampling[field] != off:
+        _fail(f"sampling.{field}", config.sampling[field],
+              f"{off} (off) for algorithm {algorithm.name!r}: it scores each sample under the policy, the anchor and "
+              "the reference, and truncating each to its own top tokens gives them different supports, so its KL "
+              "terms would be infinite; sample with config.sampling.temperature instead")
   if not config.eval.bon_ns or max(config.eval.bon_ns) > config.eval.num_ref_samples or min(config.eval.bon_ns) < 1:
     _fail("eval.bon_ns", tuple(config.eval.bon_ns),
           f"sizes between 1 and eval.num_ref_samples = {config.eval.num_ref_samples}")
@@ -267,38 +274,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _fail("policy.path", config.policy.path, "a local checkpoint directory when policy.source is 'hf_checkpoint'")
   if config.reward.kind == "reward_model" and not config.reward.path:
     _fail("reward.path", config.reward.path, "a local checkpoint directory when reward.kind is 'reward_model'")
-  if config.reward.kind in ("python", "python_tokens") and ":" not in config.reward.function:
+  if config.reward.kind in USER_REWARD_KINDS and ":" not in config.reward.function:
     _fail("reward.function", config.reward.function,
           f"'module:function' when reward.kind is {config.reward.kind!r}")
   if config.data.source == "prompt_file" and not config.data.path:
     _fail("data.path", config.data.path, "a JSONL or text file when data.source is 'prompt_file'")
   if config.data.source == "inline" and not config.data.prompts:
     _fail("data.prompts", tuple(config.data.prompts), "at least one prompt when data.source is 'inline'")
-  if config.exact.every and (config.sampling.temperature != 1 or config.sampling.top_k or config.sampling.top_p < 1):
-    _fail("exact.every", config.exact.every, "0 unless sampling is at temperature 1 without top-k or top-p (the "
-          "exact KLs are those of the model's own distribution, which training must then sample)")
   if config.data.source == "tfds" and not config.data.tfds_name:
     _fail("data.tfds_name", config.data.tfds_name, "a registered TFDS name when data.source is 'tfds'")
 
-  if num_devices is not None:
-    fixed = _fixed_mesh_size(config.mesh_shape)
-    if num_devices % fixed or (-1 not in config.mesh_shape and fixed != num_devices):
-      _fail("mesh_shape", tuple(config.mesh_shape), f"a shape that uses exactly the {num_devices} available devices")
-    sizes = dict(zip(config.mesh_axes, resolved_mesh_shape(config, num_devices)))
-    data_parallel = sizes["data"] * sizes["fsdp"]
-    if config.batch_size % data_parallel:
-      _fail("batch_size", config.batch_size,
-            f"a multiple of the mesh's data x fsdp size ({data_parallel}) so prompts shard evenly")
-
-
-def _fixed_mesh_size(mesh_shape: Sequence[int]) -> int:
-  size = 1
-  for s in mesh_shape:
-    size *= s if s > 0 else 1
-  return size
-
-
-def resolved_mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-  """The mesh shape with its -1 replaced by the remaining device count, in `config.mesh_axes` order."""
-  fixed = _fixed_mesh_size(config.mesh_shape)
-  return tuple(num_devices // fixed if s == -1 else s for s in config.mesh_shape)
+  sizes = dict(zip(config.mesh_axes, mesh_shape))
+  data_parallel = sizes["data"] * sizes["fsdp"]
+  if num_devices is not None and config.batch_size % data_parallel:
+    _fail("batch_size", config.batch_size,
+          f"a multiple of the mesh's data x fsdp size ({data_parallel}) so prompts shard evenly")

@@ -2,8 +2,8 @@
 
 `sample` pre-fills the cache once per prompt, copies it `num_samples` times, then decodes one token of every
 sequence per step in a `lax.while_loop` that stops when all sequences have emitted EOS. Prompts may be left-
-or right-padded (any mix): they are packed to the left internally, so generation always starts right after a
-row's last real token.
+or right-padded (any mix): they are moved to left padding internally (`to_left_padding`), so generation always
+starts right after a row's last real token.
 
 Randomness: `rng` is one key for the whole batch, split into one key per prompt row, or already per-row keys
 `[batch]` (typed) / `[batch, 2]` (raw). Row `b`'s key alone decides its samples (sample `s` of row `b` uses
@@ -11,7 +11,10 @@ Randomness: `rng` is one key for the whole batch, split into one key per prompt 
 same tokens as inside the batch.
 
 `outputs_after_prompts` runs given samples the same way (one prefill per prompt, shared by its samples), with
-gradients: `generation_log_probs` (for the losses) and reward models score through it.
+gradients: `generation_log_probs` (for the losses) and reward models score through it. Given the sampler's
+`SamplingConfig`, `generation_log_probs` scores the samples under the distribution they were drawn from (the
+temperature, top-k and top-p applied), as every score-function estimate needs (docs/method.md, "Which
+distributions the estimates refer to").
 """
 
 from __future__ import annotations
@@ -86,21 +89,28 @@ class SampleOutput(NamedTuple):
   mask: jax.Array
 
 
-def left_align(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Moves each row's real tokens to the right end, in order, pads first: `[batch, len]` -> same shapes.
+def to_left_padding(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Moves each row's real tokens to the right end, in order, the padding before them: `[batch, len]` -> same.
 
   Example:
-    >>> left_align(jnp.array([[5, 6, 0]]), jnp.array([[True, True, False]]))   # ([[0, 5, 6]], [[F, T, T]])
+    >>> tokens, mask = to_left_padding(jnp.array([[5, 6, 0]]), jnp.array([[True, True, False]]))
+    >>> tokens.tolist(), mask.tolist()
+    ([[0, 5, 6]], [[False, True, True]])
   """
   order = jnp.argsort(mask.astype(jnp.int32), axis=-1, stable=True)
   return jnp.take_along_axis(tokens, order, axis=-1), jnp.take_along_axis(mask, order, axis=-1)
 
 
-def sampling_log_probs(logits: jax.Array, config: SamplingConfig) -> jax.Array:
-  """Log-probs of the sampling distribution (temperature, then top-k, then top-p): `[n, vocab]` -> same.
+def sampling_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+  """The logits of the sampling distribution, unnormalised: divided by the temperature, then -inf outside the
+  top-k, then outside the top-p: `[..., vocab]` -> same, float32.
+
+  At temperature 1 without truncation they are the logits themselves.
 
   Example:
-    >>> sampling_log_probs(logits, SamplingConfig(max_new_tokens=1, top_k=40))
+    >>> z = sampling_logits(jnp.log(jnp.array([0.5, 0.3, 0.2])), SamplingConfig(max_new_tokens=1, top_k=2))
+    >>> np.asarray(jax.nn.softmax(z), np.float64).round(3).tolist()
+    [0.625, 0.375, 0.0]
   """
   logits = logits.astype(jnp.float32) / config.temperature
   if config.top_k:
@@ -113,7 +123,18 @@ def sampling_log_probs(logits: jax.Array, config: SamplingConfig) -> jax.Array:
     keep = jnp.cumsum(probs, axis=-1) - probs < config.top_p
     threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return jax.nn.log_softmax(logits, axis=-1)
+  return logits
+
+
+def sampling_log_probs(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+  """Log-probs of the sampling distribution (temperature, then top-k, then top-p): `[..., vocab]` -> same.
+
+  Example:
+    >>> log_probs = sampling_log_probs(jnp.array([[2.0, 0.0]]), SamplingConfig(max_new_tokens=1, temperature=2.0))
+    >>> np.asarray(jnp.exp(log_probs), np.float64).round(3).tolist()   # softmax([1, 0])
+    [[0.731, 0.269]]
+  """
+  return jax.nn.log_softmax(sampling_logits(logits, config), axis=-1)
 
 
 def _row_keys(rng: jax.Array, batch: int) -> jax.Array:
@@ -139,7 +160,8 @@ def _prefill(params: Params, model_config: ModelConfig, prompts: jax.Array, prom
              time: int) -> tuple[jax.Array, jax.Array, Cache]:
   """Runs each prompt once into a KV cache, then gives every one of its `samples` rows a copy.
 
-  Prompts are packed left (`left_align`), so slot `prompt_len` is the first generated token of every row. The
+  Prompts are moved to left padding (`to_left_padding`), so slot `prompt_len` is the first generated token of
+  every row. The
   cache has room for the prompt and `time - 1` more tokens (`sample` never feeds back its last token).
 
   Returns:
@@ -148,7 +170,7 @@ def _prefill(params: Params, model_config: ModelConfig, prompts: jax.Array, prom
     `b * samples + s` being sample `s` of prompt `b`.
   """
   prompt_len = prompts.shape[1]
-  prompts, prompt_mask = left_align(prompts, prompt_mask.astype(bool))
+  prompts, prompt_mask = to_left_padding(prompts, prompt_mask.astype(bool))
   cache = init_cache(model_config, prompts.shape[0], prompt_len + time - 1)
   logits, cache = forward(params, model_config, prompts, positions_from_mask(prompt_mask), prompt_mask, cache,
                           output_start=prompt_len - 1)
@@ -278,11 +300,15 @@ def outputs_after_prompts(params: Params, model_config: ModelConfig, prompts: ja
   return jnp.concatenate([first[:, None], rest], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("model_config",))
+@functools.partial(jax.jit, static_argnames=("model_config", "sampling_config"))
 def generation_log_probs(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
-                         tokens: jax.Array, mask: jax.Array) -> jax.Array:
-  """Per-token log-probs (temperature 1) of generations under `params`, differentiable.
+                         tokens: jax.Array, mask: jax.Array, sampling_config: SamplingConfig | None = None,
+                         ) -> jax.Array:
+  """Per-token log-probs of generations under `params`, differentiable, under the distribution they were sampled
+  from.
 
+  With `sampling_config`, the log-probs are those of the sampling distribution `sample` draws from with it (the
+  temperature, top-k and top-p applied, `sampling_logits`); without, those of the model itself (temperature 1).
   Each prompt runs once, shared by its samples (`outputs_after_prompts`); the vocab-sized head runs only over the
   predicting positions.
 
@@ -293,13 +319,22 @@ def generation_log_probs(params: Params, model_config: ModelConfig, prompts: jax
     prompt_mask: `[batch, prompt_len]` bool.
     tokens: `[batch, samples, time]` int32 generations.
     mask: `[batch, samples, time]` bool, True for generated tokens (a prefix of each row).
+    sampling_config: the sampler's config (static), or None for the model's own distribution.
 
   Returns:
-    `[batch, samples, time]` float32 log-probs, 0 where `mask` is False.
+    `[batch, samples, time]` float32 log-probs, 0 where `mask` is False (-inf for a token that the sampling
+    distribution's top-k or top-p excludes).
 
   Example:
-    >>> out = sample(params, prompts, prompt_mask, key, sampling_config, model_config)
-    >>> log_probs = generation_log_probs(params, model_config, prompts, prompt_mask, out.tokens, out.mask)
+    >>> from bond_jax.models import config as model_config_lib, transformer
+    >>> cfg = model_config_lib.tiny(vocab_size=8)
+    >>> params = transformer.init_params(cfg, jax.random.key(0))
+    >>> prompts, prompt_mask = jnp.array([[1, 2, 3]]), jnp.ones((1, 3), bool)
+    >>> tempered = SamplingConfig(max_new_tokens=4, num_samples=2, temperature=0.5)
+    >>> out = sample(params, prompts, prompt_mask, jax.random.key(1), tempered, cfg)
+    >>> log_probs = generation_log_probs(params, cfg, prompts, prompt_mask, out.tokens, out.mask, tempered)
+    >>> bool(jnp.allclose(log_probs, out.log_probs, atol=1e-5))   # the sampler's own log-probs
+    True
   """
   chex.assert_rank([prompts, prompt_mask, tokens, mask], [2, 2, 3, 3])
   chex.assert_equal_shape([prompts, prompt_mask])
@@ -308,7 +343,60 @@ def generation_log_probs(params: Params, model_config: ModelConfig, prompts: jax
   batch, samples, time = tokens.shape
   # Every generated token but the last is fed back: the prompt's last token predicts the first, and so on.
   logits = outputs_after_prompts(params, model_config, prompts, prompt_mask, tokens[..., :-1], mask[..., :-1])
+  if sampling_config is not None:
+    logits = sampling_logits(logits, sampling_config)
   flat_tokens, flat_mask = tokens.reshape(-1, time), mask.reshape(-1, time).astype(bool)
   token_logits = jnp.take_along_axis(logits, flat_tokens[..., None], axis=-1)[..., 0]
   log_probs = token_logits - jax.nn.logsumexp(logits, axis=-1)
   return jnp.where(flat_mask, log_probs, 0.0).reshape(batch, samples, time)
+
+
+def make_sampling_config(settings, model_config: ModelConfig, num_samples: int) -> SamplingConfig:
+  """The sampler's config for a run: `settings` is the run config's `sampling` group (`max_new_tokens`,
+  `temperature`, `top_k`, `top_p`); stop and pad ids come from `model_config`.
+
+  Example:
+    >>> from bond_jax import run_config
+    >>> from bond_jax.models import config as model_config_lib
+    >>> make_sampling_config(run_config.base_config().sampling, model_config_lib.tiny(), 4).num_samples
+    4
+  """
+  return SamplingConfig(
+      max_new_tokens=settings.max_new_tokens,
+      num_samples=num_samples,
+      temperature=settings.temperature,
+      top_k=settings.top_k,
+      top_p=settings.top_p,
+      eos_token_id=model_config.eos_token_id,
+      pad_token_id=model_config.pad_token_id,
+  )
+
+
+def sample_log_probs(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
+                     samples: SampleOutput, sampling_config: SamplingConfig | None = None) -> jax.Array:
+  """`log π(y)` of each whole sample `y` under `params`: `generation_log_probs` summed over time.
+
+  Args:
+    params: the model's parameters.
+    model_config: its config.
+    prompts: `[batch, prompt_len]` int32.
+    prompt_mask: `[batch, prompt_len]` bool.
+    samples: `SampleOutput` of `[batch, samples, time]` generations.
+    sampling_config: the distribution to score them under (see `generation_log_probs`).
+
+  Returns:
+    `[batch, samples]` float32 sequence log-probabilities, differentiable.
+
+  Example:
+    >>> from bond_jax.models import config as model_config_lib, transformer
+    >>> cfg = model_config_lib.tiny(vocab_size=8)
+    >>> params = transformer.init_params(cfg, jax.random.key(0))
+    >>> prompts, prompt_mask = jnp.array([[1, 2]]), jnp.ones((1, 2), bool)
+    >>> settings = SamplingConfig(max_new_tokens=3, num_samples=2)
+    >>> out = sample(params, prompts, prompt_mask, jax.random.key(1), settings, cfg)
+    >>> bool(jnp.allclose(sample_log_probs(params, cfg, prompts, prompt_mask, out, settings),
+    ...                   out.log_probs.sum(-1), atol=1e-5))
+    True
+  """
+  return jnp.sum(generation_log_probs(params, model_config, prompts, prompt_mask, samples.tokens, samples.mask,
+                                      sampling_config), axis=-1)

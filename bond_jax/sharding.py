@@ -4,10 +4,14 @@ Parameters are sharded Megatron-style over `tensor` (vocab, heads, mlp_dim) and 
 (d_model); batches are split over `data` and `fsdp` together. A mesh axis that does not divide a parameter's
 dimension is dropped for that dimension (replication), so any model runs on any mesh.
 
-Example:
+Example (8 devices, e.g. simulated CPUs):
+  >>> from bond_jax.models import config as model_config_lib, transformer
   >>> mesh = make_mesh((2, 2, 2))
+  >>> params = transformer.init_params(model_config_lib.tiny(), jax.random.key(0))
   >>> params = jax.device_put(params, param_shardings(params, mesh))
-  >>> tokens = jax.device_put(tokens, batch_sharding(mesh, tokens.ndim))
+  >>> params["layer_0"]["attn"]["q"]["kernel"].sharding.spec
+  P('fsdp', 'tensor', None)
+  >>> tokens = jax.device_put(jnp.zeros((4, 16), jnp.int32), batch_sharding(mesh, 2))
 """
 
 from __future__ import annotations
@@ -43,18 +47,43 @@ def make_mesh(mesh_shape: Sequence[int], axis_names: Sequence[str] = AXIS_NAMES,
   """A mesh over `devices` (default: all); one entry of `mesh_shape` may be -1 to take the remaining devices.
 
   Example:
-    >>> mesh = make_mesh((-1, 1, 2))   # 8 devices -> data=4, fsdp=1, tensor=2
+    >>> dict(make_mesh((-1, 1, 2)).shape)   # 8 devices -> data=4, fsdp=1, tensor=2
+    {'data': 4, 'fsdp': 1, 'tensor': 2}
   """
   devices = list(jax.devices() if devices is None else devices)
   if len(mesh_shape) != len(axis_names):
     raise ValueError(f"mesh_shape={tuple(mesh_shape)} and axis_names={tuple(axis_names)} differ in length.")
-  if list(mesh_shape).count(-1) > 1 or any(s < 1 and s != -1 for s in mesh_shape):
-    raise ValueError(f"mesh_shape={tuple(mesh_shape)}: entries must be >= 1, with at most one -1.")
-  known = math.prod(s for s in mesh_shape if s != -1)
-  shape = tuple(len(devices) // known if s == -1 else s for s in mesh_shape)
-  if math.prod(shape) != len(devices):
-    raise ValueError(f"mesh_shape={tuple(mesh_shape)} does not tile the {len(devices)} devices.")
+  try:
+    shape = resolve_mesh_shape(mesh_shape, len(devices))
+  except ValueError as e:
+    raise ValueError(f"mesh_shape={tuple(mesh_shape)}: expected {e}.") from e
   return Mesh(mesh_utils.create_device_mesh(shape, devices), tuple(axis_names))
+
+
+def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int | None) -> tuple[int, ...]:
+  """`mesh_shape` with its -1 (at most one) replaced by the devices the other axes leave.
+
+  Args:
+    mesh_shape: axis sizes, each >= 1 or -1.
+    num_devices: the devices the mesh must use exactly; None checks the sizes only and keeps the -1.
+
+  Raises:
+    ValueError: with what is expected instead ("positive sizes with at most one -1", or a shape that uses
+      exactly the devices).
+
+  Example:
+    >>> resolve_mesh_shape((-1, 2, 1), 8)
+    (4, 2, 1)
+  """
+  if list(mesh_shape).count(-1) > 1 or any(s < 1 and s != -1 for s in mesh_shape):
+    raise ValueError("positive sizes with at most one -1")
+  if num_devices is None:
+    return tuple(mesh_shape)
+  known = math.prod(s for s in mesh_shape if s != -1)
+  shape = tuple(num_devices // known if s == -1 else s for s in mesh_shape)
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"a shape that uses exactly the {num_devices} available devices")
+  return shape
 
 
 def _path_str(path) -> str:
@@ -81,7 +110,10 @@ def param_partition_specs(params: Any, rules: Sequence[tuple[str, P]] = DEFAULT_
   dropped (that dimension is replicated).
 
   Example:
-    >>> param_partition_specs(params)["layer_0"]["attn"]["q"]["kernel"]   # P("fsdp", "tensor", None)
+    >>> from bond_jax.models import config as model_config_lib, transformer
+    >>> abstract = jax.eval_shape(lambda: transformer.init_params(model_config_lib.tiny(), jax.random.key(0)))
+    >>> param_partition_specs(abstract)["layer_0"]["attn"]["q"]["kernel"]
+    P('fsdp', 'tensor', None)
   """
   axis_sizes = None if mesh is None else dict(mesh.shape)
 
@@ -98,9 +130,15 @@ def param_partition_specs(params: Any, rules: Sequence[tuple[str, P]] = DEFAULT_
 def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = DEFAULT_PARAM_RULES) -> Any:
   """NamedShardings of every parameter on `mesh` (see `param_partition_specs`).
 
-  Example:
-    >>> abstract = jax.eval_shape(lambda: init_params(cfg, key))
-    >>> params = jax.jit(init_params, static_argnums=0, out_shardings=param_shardings(abstract, mesh))(cfg, key)
+  Example (initialising straight onto the mesh, each device creating only its shards):
+    >>> from bond_jax.models import config as model_config_lib, transformer
+    >>> cfg, key = model_config_lib.tiny(), jax.random.key(0)
+    >>> abstract = jax.eval_shape(lambda: transformer.init_params(cfg, key))
+    >>> mesh = make_mesh((1, 8, 1))
+    >>> params = jax.jit(transformer.init_params, static_argnums=0,
+    ...                  out_shardings=param_shardings(abstract, mesh))(cfg, key)
+    >>> params["embedder"]["embedding"].sharding.spec
+    P('tensor', 'fsdp')
   """
   specs = param_partition_specs(params, rules, mesh)
   return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
@@ -110,7 +148,8 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) axis split over `data` and `fsdp`, other axes replicated.
 
   Example:
-    >>> tokens = jax.device_put(tokens, batch_sharding(mesh, 2))   # [batch, time]
+    >>> batch_sharding(make_mesh((2, 2, 2)), 2).spec   # [batch, time]
+    P(('data', 'fsdp'), None)
   """
   if ndim < 1:
     raise ValueError(f"batch_sharding needs ndim >= 1, got {ndim}.")

@@ -1,36 +1,38 @@
-"""One training step (sample, score, estimate, loss, update, anchor) for J-BOND, BOND and REINFORCE.
+"""One training step of any `algorithms.Algorithm`, as named phases that another trainer or a benchmark can call.
 
-`make_train_step` composes the pure pieces (`sampling`, a `RewardFn`, `quantiles`, `losses`, `anchor`) into
-`train_step(state, ref_params, batch) -> (state, metrics)`, a pure function the trainer jits with shardings.
+`TrainStep(config, model_config, reward_fn, optimizer)` is `step(state, ref_params, batch) -> (state, metrics)`, a
+pure function the trainer jits with shardings and donation, made of these phases (each a pure method):
 
-Per prompt and algorithm:
-- `jbond`: 1 policy sample, 2 anchor samples; Best-of-2 forward term, J-BOND backward term (the paper's reward or,
-  with `bond.reward_form = "tie_aware"`, the estimated exact Best-of-2 log ratio), γ·KL(π || anchor).
-- `bond`: `num_policy_samples` policy samples, `num_anchor_samples` (k) anchor samples; quantiles of the policy
-  samples against the anchor's, Jeffreys loss towards Best-of-n of the anchor (each of the k // n disjoint groups
-  of n anchor samples gives one Best-of-n sample of the forward term).
-- `reinforce`: `num_policy_samples` policy samples, raw reward with leave-one-out baseline, KL to the reference.
-The anchor then moves by its mode: `ema` (every step, rate η), `periodic` (copied every `anchor_period` steps)
-or `fixed` (stays at the reference). A step whose rewards, loss or gradient are not finite leaves params, anchor
-and optimizer state untouched and reports `nonfinite = 1`; `reward/nonfinite_prompts` counts the prompts with a
-non-finite reward and `reward/first_nonfinite_prompt` is the batch index of the first (-1 if none).
+1. `sample`: the policy's and the anchor's samples of every prompt (`algorithm.sample_counts()`), at the run's
+   sampling temperature;
+2. `score`: their rewards;
+3. `estimate`: the quantiles of the policy samples among the anchor's, the Best-of-n anchor samples
+   (`algorithm.num_best_of_n()` per prompt), and `log π_anchor`, `log π_ref` of the policy samples;
+4. `loss`: one forward of the policy over its samples and the Best-of-n samples, then `algorithm.loss`;
+5. `update`: the optimizer step;
+6. `move_anchor`: `algorithm.anchor.update` (an EMA, a periodic copy, or nothing);
+7. `keep_if_finite`: a step whose rewards, loss or gradient are not finite leaves the parameters, anchor and
+   optimizer state as they were and reports `nonfinite = 1`.
 
-`log π_ref` of the samples is needed by REINFORCE's loss but only by a metric (`kl/policy_ref`) of J-BOND and
-BOND, so those compute it on logged steps only (`is_log_step`) and report NaN for it on the others.
+Every log-probability is taken under the sampling distribution (docs/method.md, "Which distributions the
+estimates refer to"). `log π_ref` of the samples enters REINFORCE's loss but only a metric (`kl/policy_ref`) of
+J-BOND and BOND, which compute it on logged steps only (`is_log_step`) and report NaN on the others.
+`reward/nonfinite_prompts` counts the prompts with a non-finite reward and `reward/first_nonfinite_prompt` is the
+batch index of the first (-1 if none).
 """
 
-from collections.abc import Callable
-import functools
-from typing import Any
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from bond_jax import anchor as anchor_lib
+from bond_jax import algorithms
 from bond_jax import kl
-from bond_jax import losses
 from bond_jax import quantiles
 from bond_jax import sampling
 from bond_jax.models.config import ModelConfig
@@ -41,42 +43,53 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def samples_per_prompt(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(policy samples, anchor samples) drawn per prompt by `config.algorithm`."""
-  if config.algorithm == "jbond":
-    return 1, 2
-  if config.algorithm == "bond":
-    return config.bond.num_policy_samples, config.bond.num_anchor_samples
-  return config.bond.num_policy_samples, 0
+class Samples(NamedTuple):
+  """The samples of one step: `policy` `[batch, policy, time]`, `anchor` `[batch, anchor, time]` (None without an
+  anchor)."""
+
+  policy: sampling.SampleOutput
+  anchor: sampling.SampleOutput | None
+
+
+class Rewards(NamedTuple):
+  """Their rewards: `policy` `[batch, policy]`, `anchor` `[batch, anchor]` (None without an anchor)."""
+
+  policy: jax.Array
+  anchor: jax.Array | None
+
+
+class Estimates(NamedTuple):
+  """What the step estimates from its samples before the loss (no gradient flows through any of it).
+
+  Attributes:
+    best: the Best-of-n anchor samples, `[batch, best, time]` (None without an anchor).
+    best_rewards: their rewards, `[batch, best]`.
+    p_lt: `[batch, policy]` share of the anchor samples of the prompt whose reward is below the policy sample's.
+    p_le: `[batch, policy]` share at or below it.
+    anchor_log_probs: `[batch, policy]` `log π_anchor(y)` of the policy samples.
+    ref_log_probs: `[batch, policy]` `log π_ref(y)` of the policy samples (NaN where not computed).
+  """
+
+  best: sampling.SampleOutput | None
+  best_rewards: jax.Array | None
+  p_lt: jax.Array | None
+  p_le: jax.Array | None
+  anchor_log_probs: jax.Array | None
+  ref_log_probs: jax.Array
 
 
 def is_log_step(config: ml_collections.ConfigDict, step):
   """Whether the trainer records the metrics of `step` (1-based): every `log_every` steps and the last one.
 
   Works on Python ints and on traced int arrays alike.
+
+  Example:
+    >>> from bond_jax import run_config
+    >>> config = run_config.base_config()
+    >>> [s for s in range(1, 301) if is_log_step(config, s)][:3]
+    [10, 20, 30]
   """
   return (step % config.log_every == 0) | (step == config.num_steps)
-
-
-def sampling_config(config: ml_collections.ConfigDict, model_config: ModelConfig, num_samples: int,
-                    ) -> sampling.SamplingConfig:
-  """The sampler settings of `config.sampling` for `num_samples` samples per prompt."""
-  return sampling.SamplingConfig(
-      max_new_tokens=config.sampling.max_new_tokens,
-      num_samples=num_samples,
-      temperature=config.sampling.temperature,
-      top_k=config.sampling.top_k,
-      top_p=config.sampling.top_p,
-      eos_token_id=model_config.eos_token_id,
-      pad_token_id=model_config.pad_token_id,
-  )
-
-
-def sequence_log_probs(params, model_config: ModelConfig, batch: Batch, out: sampling.SampleOutput) -> jax.Array:
-  """`log π(y)` per sample, `[batch, samples]`, by one full forward over prompt + generation."""
-  token_log_probs = sampling.generation_log_probs(
-      params, model_config, batch["prompts"], batch["prompt_mask"], out.tokens, out.mask)
-  return jnp.sum(token_log_probs, axis=-1)
 
 
 def _concat_samples(a: sampling.SampleOutput, b: sampling.SampleOutput) -> sampling.SampleOutput:
@@ -95,140 +108,180 @@ def _best_of_groups(rewards: jax.Array, n: int) -> jax.Array:
   return best + n * jnp.arange(groups)
 
 
-def _reward_metrics(*rewards: jax.Array) -> Metrics:
-  """Which prompts got a non-finite reward, from `[batch, samples_i]` rewards of the same prompts."""
-  bad = jnp.any(jnp.concatenate([~jnp.isfinite(r) for r in rewards], axis=1), axis=1)
+def _nonfinite_reward_metrics(rewards: Rewards) -> Metrics:
+  """Which prompts got a non-finite reward, from every sample of the step."""
+  bad = jnp.any(jnp.concatenate([~jnp.isfinite(r) for r in rewards if r is not None], axis=1), axis=1)
   return {"reward/nonfinite_prompts": jnp.sum(bad).astype(jnp.float32),
           "reward/first_nonfinite_prompt": jnp.where(jnp.any(bad), jnp.argmax(bad), -1).astype(jnp.float32)}
 
 
-def _kl_metrics(policy_log_probs: jax.Array, ref_log_probs: jax.Array,
-                anchor_log_probs: jax.Array | None = None) -> Metrics:
-  """k1 estimates of KL(π || π_ref) and KL(π || π_anchor) on the policy's own samples."""
-  policy_log_probs = jax.lax.stop_gradient(policy_log_probs)
-  metrics = {"kl/policy_ref": jnp.mean(kl.kl_k1(policy_log_probs, ref_log_probs))}
-  if anchor_log_probs is not None:
-    metrics["kl/policy_anchor"] = jnp.mean(kl.kl_k1(policy_log_probs, anchor_log_probs))
-  return metrics
+# eq=False: hashed by identity (jit keys its caches on the callable), as the config it holds is not hashable.
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainStep:
+  """The train step of `algorithms.from_config(config)`, and its phases.
 
-
-def _move_anchor(config: ml_collections.ConfigDict, anchor_params, params, step: jax.Array):
-  if config.algorithm == "reinforce":  # REINFORCE has no anchor; keep it where it started.
-    return anchor_params
-  if config.bond.anchor == "ema":
-    return anchor_lib.ema_update(anchor_params, params, config.bond.eta)
-  if config.bond.anchor == "periodic":
-    swap = (step + 1) % config.bond.anchor_period == 0
-    return jax.tree.map(lambda a, p: jnp.where(swap, p, a), anchor_params, params)
-  return anchor_params
-
-
-def make_train_step(config: ml_collections.ConfigDict, model_config: ModelConfig, reward_fn: RewardFn,
-                    optimizer: optax.GradientTransformation,
-                    ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, Metrics]]:
-  """Builds the pure train step for `config.algorithm`.
-
-  Args:
+  Attributes:
     config: a validated run config (`run_config.validate`).
     model_config: the policy's model config (static).
     reward_fn: scores generations, `(prompts, prompt_mask, tokens, mask) -> [batch, samples]`.
     optimizer: the policy's optax optimizer (`train_state.make_optimizer`).
 
-  Returns:
-    `train_step(state, ref_params, batch) -> (state, metrics)`, where `batch` holds `prompts` and `prompt_mask`
-    `[batch, prompt_len]` and `metrics` maps names to scalars.
-
   Example:
-    >>> step = jax.jit(make_train_step(config, model_config, reward_fn, optimizer), donate_argnums=0)
-    >>> state, metrics = step(state, ref_params, {"prompts": p, "prompt_mask": m})
+    >>> from bond_jax import rewards, run_config, train_state
+    >>> from bond_jax.models import config as model_config_lib, transformer
+    >>> config = run_config.base_config()
+    >>> config.sampling.max_new_tokens = 3
+    >>> model_config = model_config_lib.tiny(vocab_size=8)
+    >>> ref_params = transformer.init_params(model_config, jax.random.key(0))
+    >>> count_threes = rewards.token_reward(lambda p, pm, g, gm: jnp.sum((g == 3) & gm, -1).astype(jnp.float32))
+    >>> optimizer = train_state.make_optimizer(config.optimizer)
+    >>> step = jax.jit(TrainStep(config, model_config, count_threes, optimizer), donate_argnums=0)
+    >>> state = train_state.create_train_state(ref_params, optimizer, seed=0)
+    >>> state, metrics = step(state, ref_params, {"prompts": jnp.array([[1, 2], [3, 4]]),
+    ...                                           "prompt_mask": jnp.ones((2, 2), bool)})
+    >>> int(state.step), sorted(metrics)[:3]
+    (1, ['entropy/sequence', 'grad_norm', 'kl/policy_anchor'])
   """
-  num_policy, num_anchor = samples_per_prompt(config)
-  policy_sampling = sampling_config(config, model_config, num_policy)
-  anchor_sampling = sampling_config(config, model_config, max(num_anchor, 1))
-  log_probs = functools.partial(sequence_log_probs, model_config=model_config)
-  bond = config.bond
 
-  def losses_and_metrics(state: TrainState, ref_params, batch: Batch, rng: jax.Array):
-    """Everything up to the loss; returns `loss_fn(params) -> (loss, metrics)` and sample-side metrics."""
+  config: ml_collections.ConfigDict
+  model_config: ModelConfig
+  reward_fn: RewardFn
+  optimizer: optax.GradientTransformation
+
+  @property
+  def algorithm(self) -> algorithms.Algorithm:
+    return algorithms.from_config(self.config)
+
+  def _sampling_config(self, num_samples: int) -> sampling.SamplingConfig:
+    return sampling.make_sampling_config(self.config.sampling, self.model_config, num_samples)
+
+  def log_probs(self, params, batch: Batch, samples: sampling.SampleOutput) -> jax.Array:
+    """`log π(y)` `[batch, samples]` of `samples` under `params`, in the sampling distribution (the temperature
+    applied): what every phase scores samples with."""
+    return sampling.sample_log_probs(params, self.model_config, batch["prompts"], batch["prompt_mask"], samples,
+                                     self._sampling_config(samples.tokens.shape[1]))
+
+  def sample(self, state: TrainState, batch: Batch, rng: jax.Array) -> Samples:
+    """Phase 1: `sample_counts()` samples per prompt from the policy and from the anchor."""
+    counts = self.algorithm.sample_counts()
     policy_rng, anchor_rng = jax.random.split(rng)
     prompts, prompt_mask = batch["prompts"], batch["prompt_mask"]
-    policy_out = sampling.sample(state.params, prompts, prompt_mask, policy_rng, policy_sampling, model_config)
-    policy_rewards = reward_fn(prompts, prompt_mask, policy_out.tokens, policy_out.mask)
-    metrics = {
-        "reward/policy": jnp.mean(policy_rewards),
-        "entropy/sequence": -jnp.mean(jnp.sum(policy_out.log_probs, axis=-1)),
-        "length/policy": jnp.mean(jnp.sum(policy_out.mask, axis=-1)),
-        "tokens/generated": jnp.sum(policy_out.mask).astype(jnp.float32),
-    }
+    draw = lambda params, rng, n: sampling.sample(  # noqa: E731
+        params, prompts, prompt_mask, rng, self._sampling_config(n), self.model_config)
+    policy = draw(state.params, policy_rng, counts.policy)
+    anchor = draw(state.anchor_params, anchor_rng, counts.anchor) if counts.anchor else None
+    return Samples(policy, anchor)
 
-    if config.algorithm == "reinforce":
-      ref_log_probs = log_probs(ref_params, batch=batch, out=policy_out)
-      metrics |= _reward_metrics(policy_rewards)
+  def score(self, batch: Batch, samples: Samples) -> Rewards:
+    """Phase 2: the reward of every sample."""
+    score = lambda out: self.reward_fn(batch["prompts"], batch["prompt_mask"], out.tokens, out.mask)  # noqa: E731
+    return Rewards(score(samples.policy), None if samples.anchor is None else score(samples.anchor))
 
-      def loss_fn(p):
-        policy_log_probs = log_probs(p, batch=batch, out=policy_out)
-        loss, loss_metrics = losses.reinforce_loss(policy_log_probs, ref_log_probs, policy_rewards,
-                                                   kl_coef=bond.kl_coef)
-        return loss, (loss_metrics, _kl_metrics(policy_log_probs, ref_log_probs))
-      return loss_fn, metrics
+  def estimate(self, state: TrainState, ref_params, batch: Batch, samples: Samples, rewards: Rewards,
+               with_reference) -> Estimates:
+    """Phase 3: quantiles, Best-of-n anchor samples, anchor and reference log-probs of the policy samples.
 
-    anchor_out = sampling.sample(state.anchor_params, prompts, prompt_mask, anchor_rng, anchor_sampling,
-                                 model_config)
-    anchor_rewards = reward_fn(prompts, prompt_mask, anchor_out.tokens, anchor_out.mask)
-    n = 2 if config.algorithm == "jbond" else bond.n
-    best_index = _best_of_groups(anchor_rewards, n)
-    best = _take_samples(anchor_out, best_index)
-    anchor_log_probs = log_probs(state.anchor_params, batch=batch, out=policy_out)
-    ref_log_probs = jax.lax.cond(is_log_step(config, state.step + 1),
-                                 lambda: log_probs(ref_params, batch=batch, out=policy_out),
-                                 lambda: jnp.full(anchor_log_probs.shape, jnp.nan, anchor_log_probs.dtype))
-    p_lt, p_le = quantiles.reward_quantiles(policy_rewards, anchor_rewards)
-    metrics |= {
-        "reward/anchor": jnp.mean(anchor_rewards),
-        "reward/anchor_best": jnp.mean(jnp.take_along_axis(anchor_rewards, best_index, axis=1)),
-        "quantile/policy_vs_anchor": jnp.mean(p_le),
-        "tokens/generated": metrics["tokens/generated"] + jnp.sum(anchor_out.mask),
-    } | _reward_metrics(policy_rewards, anchor_rewards)
+    `with_reference` (a traced bool) says whether `log π_ref` is wanted when only a metric needs it.
+    """
+    algorithm = self.algorithm
+    reference = lambda: self.log_probs(ref_params, batch, samples.policy)  # noqa: E731
+    if algorithm.reference_in_loss:
+      ref_log_probs = reference()
+    else:
+      nan = jnp.full(rewards.policy.shape, jnp.nan, jnp.float32)
+      ref_log_probs = jax.lax.cond(with_reference, reference, lambda: nan)
+    if samples.anchor is None:
+      return Estimates(None, None, None, None, None, ref_log_probs)
+    best_index = _best_of_groups(rewards.anchor, algorithm.target_n())
+    p_lt, p_le = quantiles.reward_quantiles(rewards.policy, rewards.anchor)
+    return Estimates(
+        best=_take_samples(samples.anchor, best_index),
+        best_rewards=jnp.take_along_axis(rewards.anchor, best_index, axis=1),
+        p_lt=p_lt, p_le=p_le,
+        anchor_log_probs=self.log_probs(state.anchor_params, batch, samples.policy),
+        ref_log_probs=ref_log_probs)
 
-    def loss_fn(p):
-      # One forward over the policy samples and the Best-of-n anchor samples together.
-      joint = log_probs(p, batch=batch, out=_concat_samples(policy_out, best))
-      policy_log_probs, best_log_probs = joint[:, :num_policy], joint[:, num_policy:]
-      if config.algorithm == "jbond":
-        loss, loss_metrics = losses.jbond_loss(
-            policy_log_probs, anchor_log_probs, policy_rewards, anchor_rewards, best_log_probs,
-            beta=bond.beta, gamma=bond.gamma, penalty=bond.jbond_penalty, ties_lose=bond.ties_lose,
-            reward_form=bond.reward_form)
-      else:
-        loss, loss_metrics = losses.jeffreys_loss(
-            losses.forward_kl_loss(best_log_probs),
-            losses.backward_kl_loss(policy_log_probs, anchor_log_probs, p_lt, p_le, bond.n,
-                                    floor=losses.quantile_floor(num_anchor), reward_form=bond.reward_form),
-            beta=bond.beta)
-      return loss, (loss_metrics, _kl_metrics(policy_log_probs, ref_log_probs, anchor_log_probs))
-    return loss_fn, metrics
+  def loss(self, params, batch: Batch, samples: Samples, rewards: Rewards, estimates: Estimates,
+           ) -> tuple[jax.Array, Metrics]:
+    """Phase 4: `algorithm.loss` of `params`, and its metrics with the KL estimates on the policy samples."""
+    num_policy = samples.policy.tokens.shape[1]
+    # One forward over the policy samples and the Best-of-n anchor samples together.
+    scored = samples.policy if estimates.best is None else _concat_samples(samples.policy, estimates.best)
+    joint = self.log_probs(params, batch, scored)
+    policy_log_probs = joint[:, :num_policy]
+    loss, metrics = self.algorithm.loss(algorithms.LossInputs(
+        policy_log_probs=policy_log_probs, best_log_probs=joint[:, num_policy:],
+        anchor_log_probs=estimates.anchor_log_probs, ref_log_probs=estimates.ref_log_probs,
+        policy_rewards=rewards.policy, anchor_rewards=rewards.anchor, p_lt=estimates.p_lt, p_le=estimates.p_le))
+    metrics = {f"loss/{k}": v for k, v in metrics.items()}
+    policy_log_probs = jax.lax.stop_gradient(policy_log_probs)
+    metrics["kl/policy_ref"] = jnp.mean(kl.kl_k1(policy_log_probs, estimates.ref_log_probs))
+    if estimates.anchor_log_probs is not None:
+      metrics["kl/policy_anchor"] = jnp.mean(kl.kl_k1(policy_log_probs, estimates.anchor_log_probs))
+    return loss, metrics
 
-  def train_step(state: TrainState, ref_params, batch: Batch) -> tuple[TrainState, Metrics]:
+  def update(self, state: TrainState, grads) -> tuple[Any, optax.OptState]:
+    """Phase 5: the optimizer's new parameters and state."""
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), opt_state
+
+  def move_anchor(self, state: TrainState, params):
+    """Phase 6: the anchor after the update that produced `params`."""
+    schedule = self.algorithm.anchor
+    return state.anchor_params if schedule is None else schedule.update(state.anchor_params, params, state.step)
+
+  def __call__(self, state: TrainState, ref_params, batch: Batch) -> tuple[TrainState, Metrics]:
     rng, step_rng = jax.random.split(state.rng)
-    loss_fn, metrics = losses_and_metrics(state, ref_params, batch, step_rng)
-    (loss, (loss_metrics, kl_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    samples = self.sample(state, batch, step_rng)
+    rewards = self.score(batch, samples)
+    estimates = self.estimate(state, ref_params, batch, samples, rewards,
+                              with_reference=is_log_step(self.config, state.step + 1))
+    (loss, loss_metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
+        state.params, batch, samples, rewards, estimates)
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    anchor_params = _move_anchor(config, state.anchor_params, params, state.step)
+    params, opt_state = self.update(state, grads)
+    new_state = TrainState(step=state.step + 1, params=params, anchor_params=self.move_anchor(state, params),
+                           opt_state=opt_state, rng=rng)
 
+    metrics = _sample_metrics(samples, rewards, estimates) | _nonfinite_reward_metrics(rewards)
     # NaN rewards need not make the loss NaN (comparisons with NaN are just False), so they are checked apart.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (metrics["reward/nonfinite_prompts"] == 0)
-    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(
-        step=state.step + 1,
-        params=keep_if_finite(params, state.params),
-        anchor_params=keep_if_finite(anchor_params, state.anchor_params),
-        opt_state=keep_if_finite(opt_state, state.opt_state),
-        rng=rng,
-    )
-    metrics |= kl_metrics | {f"loss/{k}": v for k, v in loss_metrics.items()}
-    metrics |= {"loss/total": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.float32)}
+    new_state = keep_if_finite(finite, new_state, state)
+    metrics |= loss_metrics | {"loss/total": loss, "grad_norm": grad_norm,
+                               "nonfinite": (~finite).astype(jnp.float32)}
     return new_state, metrics
 
-  return train_step
+
+def keep_if_finite(finite: jax.Array, new_state: TrainState, state: TrainState) -> TrainState:
+  """Phase 7: `new_state` where `finite`, else `state` with only its step and rng advanced."""
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  return new_state.replace(params=keep(new_state.params, state.params),
+                           anchor_params=keep(new_state.anchor_params, state.anchor_params),
+                           opt_state=keep(new_state.opt_state, state.opt_state))
+
+
+def _sample_metrics(samples: Samples, rewards: Rewards, estimates: Estimates) -> Metrics:
+  """Rewards, lengths and entropy of the samples; with an anchor, its rewards and the policy's quantile."""
+  policy = samples.policy
+  generated = jnp.sum(policy.mask).astype(jnp.float32)
+  metrics = {
+      "reward/policy": jnp.mean(rewards.policy),
+      "entropy/sequence": -jnp.mean(jnp.sum(policy.log_probs, axis=-1)),
+      "length/policy": jnp.mean(jnp.sum(policy.mask, axis=-1)),
+      "tokens/generated": generated,
+  }
+  if samples.anchor is not None:
+    metrics |= {
+        "reward/anchor": jnp.mean(rewards.anchor),
+        "reward/anchor_best": jnp.mean(estimates.best_rewards),
+        "quantile/policy_vs_anchor": jnp.mean(estimates.p_le),
+        "tokens/generated": generated + jnp.sum(samples.anchor.mask),
+    }
+  return metrics
+
+
+def make_train_step(config: ml_collections.ConfigDict, model_config: ModelConfig, reward_fn: RewardFn,
+                    optimizer: optax.GradientTransformation) -> TrainStep:
+  """The pure train step of `config.algorithm` (see `TrainStep`); validates the config's algorithm first."""
+  algorithms.from_config(config)
+  return TrainStep(config, model_config, reward_fn, optimizer)

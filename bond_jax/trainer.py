@@ -1,14 +1,18 @@
-"""The training loop: set-up over a mesh, jitted steps, metrics, evaluation, checkpoints, preemption, report.
+"""The experiment runner: set-up over a mesh, compiled steps, the training loop, the report.
 
-`train(config, workdir)` is what `experiments/run.py` calls. Resume order: the workdir's latest readable
-checkpoint (train state and data position), else a fresh state from the reference policy.
+`train(config, workdir)` is what `experiments/run.py` calls; it reads as its sections: the config and the mesh,
+what the config names (checked before compiling), the train state on the mesh (resumed from the workdir's latest
+readable checkpoint, else the reference policy), the compiled steps, the loop (`TrainingLoop`), the report.
 """
+
+from __future__ import annotations
 
 import functools
 import json
 import os
 import signal
 import time
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import jax
@@ -31,76 +35,80 @@ from bond_jax import sampling
 from bond_jax import sharding
 from bond_jax import train_state as train_state_lib
 from bond_jax import train_step as train_step_lib
+from bond_jax.data import prompt_batches
 
 
 class NonFiniteLossError(RuntimeError):
   """Too many consecutive steps had a non-finite loss; the last good state was checkpointed."""
 
 
-class _StopRequests:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps, so it can checkpoint and exit cleanly."""
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs `config` in `workdir` (resuming from its checkpoints); returns the final report ({} if stopped by a
+  signal).
 
-  def __init__(self):
-    self.signal_name = None
-    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+  Writes `workdir/config.json` (resolved config), `metrics.jsonl` (train records every `log_every` steps and
+  `eval/*` records at each evaluation), `tensorboard/`, `checkpoints/` and, at the end, `report.json` and
+  `tradeoff.png` (`plots.plot_run`).
 
-  def _handle(self, signum, frame):
-    del frame
-    # A second signal while saving changes nothing: the save in progress completes.
-    self.signal_name = signal.Signals(signum).name
-
-  def restore(self):
-    for s, handler in self._previous.items():
-      signal.signal(s, handler)
-
-
-def _global_batch(local: dict, batch_sharding) -> dict[str, jax.Array]:
-  """This host's rows of a batch -> global arrays sharded over the mesh's batch axes."""
-  return {key: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[key]))
-          for key in ("prompts", "prompt_mask")}
-
-
-def sharded_train_state(config: ml_collections.ConfigDict, ref_params, optimizer, mesh):
-  """Places the reference on `mesh` and creates the initial train state there, sharded by the partition rules.
-
-  Returns:
-    `(ref_params, param_shardings, state, state_shardings)`, the shardings being pytrees of `NamedSharding`
-    matching `ref_params` and the `TrainState`.
+  Raises:
+    run_config.ConfigError: a bad config (before anything is compiled).
+    prompt_batches.PromptError: the prompts cannot be used (before anything is compiled).
+    rewards.RewardError: a user reward function (`config.reward.kind` "python" or "python_tokens") returns values
+      of the wrong shape or type (before anything is compiled), or any reward is NaN or inf during training
+      (the state before that step is checkpointed).
+    memory_estimate.MemoryBudgetError: the run's estimated memory per device exceeds the device's (before
+      anything is allocated on the mesh or compiled).
+    NonFiniteLossError: `config.max_consecutive_nonfinite` non-finite steps in a row.
   """
-  param_shardings = sharding.param_shardings(ref_params, mesh)
-  ref_params = jax.device_put(ref_params, param_shardings)
-  init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
-  state_shardings = sharding.param_shardings(jax.eval_shape(init, ref_params), mesh)
-  return ref_params, param_shardings, jax.jit(init, out_shardings=state_shardings)(ref_params), state_shardings
+  # The config and the mesh.
+  run_config.validate(config, jax.device_count())
+  mesh = sharding.make_mesh(config.mesh_shape, config.mesh_axes)  # make_mesh resolves the -1 itself.
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
+  # What the config names, checked before anything is placed on the mesh or compiled.
+  ref_params, model_config, tokenizer = run_components.load_policy(config)
+  reward_fn = run_components.load_reward(config, tokenizer)
+  train_prompts, eval_prompts = run_components.load_prompts(config, tokenizer, model_config, workdir)
+  optimizer = train_state_lib.make_optimizer(config.optimizer)
+  _check_before_compiling(config, model_config, ref_params, reward_fn, optimizer, mesh, train_prompts, eval_prompts)
 
-def _compile_with_reward(name: str, make_fn, reward_fn, mesh, in_shardings, args, **jit_kwargs):
-  """Compiles `make_fn(reward_fn)` for `args` ahead of time, with the reward as an argument; returns it bound.
+  # The train state on the mesh, resumed from the workdir's latest readable checkpoint.
+  ref_params, param_shardings, state, state_shardings = sharded_train_state(config, ref_params, optimizer, mesh)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+  restored = checkpointer.restore_latest(checkpointing.abstract_like(state))
+  if restored is not None:
+    state, data_state = restored
+    train_prompts.set_state(data_state["train"])
+    logging.info("Resumed from the checkpoint at step %d.", int(state.step))
 
-  A reward model's weights (the leaves of its `RewardFn` pytree) then enter the compiled program as sharded
-  inputs rather than as constants baked into it, which would compile slowly and hold a second copy in memory.
-  Compiling before the loop, once, means a call with other shapes or shardings fails at once instead of
-  silently compiling again. `args` may be arrays or `jax.ShapeDtypeStruct`s; `donate_argnums` counts the
-  arguments after the reward, from 1.
-  """
-  jitted = jax.jit(lambda reward, *fn_args: make_fn(reward)(*fn_args),
-                   in_shardings=(sharding.param_shardings(reward_fn, mesh), *in_shardings), **jit_kwargs)
-  start = time.perf_counter()
-  compiled = jitted.lower(reward_fn, *args).compile()
-  logging.info("Compiled the %s in %.1f s.", name, time.perf_counter() - start)
-  return functools.partial(compiled, reward_fn)
+  # The steps, compiled once before the loop.
+  batch_sharding = sharding.batch_sharding(mesh, 2)
+  steps = compile_steps(config, model_config, reward_fn, optimizer, mesh, state, ref_params, param_shardings,
+                        state_shardings, batch_sharding, eval_prompts)
 
+  # The loop.
+  eval_start = eval_prompts.get_state()
+  with TrainingLoop(config, workdir, steps, checkpointer, train_prompts, eval_prompts, batch_sharding) as loop:
+    state, final = loop.run(state, ref_params)
+  if final is None:
+    return {}
 
-def _peek(prompts) -> dict:
-  """The next batch of a prompt iterator, leaving the iterator where it was."""
-  position = prompts.get_state()
-  batch = next(prompts)
-  prompts.set_state(position)
-  return batch
-
-
-def _average(records: list[dict]) -> dict[str, float]:
-  return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+  # The report.
+  summary = evaluation.report(final, config.eval.bon_ns)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+    print(format_report(summary))
+    print(f"plot: {plots.plot_run(workdir)}")
+  eval_prompts.set_state(eval_start)
+  examples = example_generations(config, model_config, tokenizer, state.params, ref_params, next(eval_prompts),
+                                 batch_sharding)
+  if jax.process_index() == 0:
+    print(examples)
+  return summary
 
 
 def _check_before_compiling(config: ml_collections.ConfigDict, model_config, ref_params, reward_fn, optimizer,
@@ -125,175 +133,256 @@ def _check_before_compiling(config: ml_collections.ConfigDict, model_config, ref
   memory_estimate.check_fits(estimate, memory_estimate.device_memory_limit(config))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs `config` in `workdir` (resuming from its checkpoints); returns the final report.
+def sharded_train_state(config: ml_collections.ConfigDict, ref_params, optimizer, mesh):
+  """Places the reference on `mesh` and creates the initial train state there, sharded by the partition rules.
 
-  Writes `workdir/config.json` (resolved config), `metrics.jsonl` (train records every `log_every` steps and
-  `eval/*` records at each evaluation), `tensorboard/`, `checkpoints/` and, at the end, `report.json` and
-  `tradeoff.png` (`plots.plot_run`).
-
-  Raises:
-    run_config.ConfigError: a bad config (before anything is compiled).
-    prompt_batches.PromptError: the prompts cannot be used (before anything is compiled).
-    rewards.RewardError: a user reward function (`config.reward.kind` "python" or "python_tokens") returns values
-      of the wrong shape or type (before anything is compiled), or any reward is NaN or inf during training
-      (the state before that step is checkpointed).
-    memory_estimate.MemoryBudgetError: the run's estimated memory per device exceeds the device's (before
-      anything is allocated on the mesh or compiled).
-    NonFiniteLossError: `config.max_consecutive_nonfinite` non-finite steps in a row.
+  Returns:
+    `(ref_params, param_shardings, state, state_shardings)`, the shardings being pytrees of `NamedSharding`
+    matching `ref_params` and the `TrainState`.
   """
-  run_config.validate(config, jax.device_count())
-  mesh = sharding.make_mesh(config.mesh_shape, config.mesh_axes)  # make_mesh resolves the -1 itself.
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  param_shardings = sharding.param_shardings(ref_params, mesh)
+  ref_params = jax.device_put(ref_params, param_shardings)
+  init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
+  state_shardings = sharding.param_shardings(jax.eval_shape(init, ref_params), mesh)
+  return ref_params, param_shardings, jax.jit(init, out_shardings=state_shardings)(ref_params), state_shardings
 
-  ref_params, model_config, tokenizer = run_components.load_policy(config)
-  reward_fn = run_components.load_reward(config, tokenizer)
-  train_prompts, eval_prompts = run_components.load_prompts(config, tokenizer, model_config, workdir)
-  eval_start = eval_prompts.get_state()
-  optimizer = train_state_lib.make_optimizer(config.optimizer)
-  _check_before_compiling(config, model_config, ref_params, reward_fn, optimizer, mesh, train_prompts, eval_prompts)
 
-  ref_params, param_shardings, state, state_shardings = sharded_train_state(config, ref_params, optimizer, mesh)
+class CompiledSteps(NamedTuple):
+  """The run's programs, compiled before the loop, each with the reward bound.
 
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
-  restored = checkpointer.restore_latest(checkpointing.abstract_like(state))
-  if restored is not None:
-    state, data_state = restored
-    train_prompts.set_state(data_state["train"])
-    logging.info("Resumed from the checkpoint at step %d.", int(state.step))
-  start_step = int(state.step)
+  Attributes:
+    train: `(state, ref_params, batch) -> (state, metrics)`, donating the state.
+    evaluate: `(params, ref_params, batch, rng) -> metrics` (`evaluation.make_eval_step`).
+    exact: `(params, anchor_params, ref_params) -> metrics` on the held-out prompts (`exact_evaluation`), or None
+      when `config.exact.every` is 0.
+  """
 
-  batch_sharding = sharding.batch_sharding(mesh, 2)
+  train: Callable[..., Any]
+  evaluate: Callable[..., Any]
+  exact: Callable[..., Any] | None
+
+
+def compile_steps(config, model_config, reward_fn, optimizer, mesh, state, ref_params, param_shardings,
+                  state_shardings, batch_sharding, eval_prompts) -> CompiledSteps:
+  """Compiles the train, evaluation and (with `config.exact.every`) exact-evaluation steps for the mesh.
+
+  Compiling before the loop, once, means a call with other shapes or shardings fails at once instead of silently
+  compiling again (tested).
+  """
   batch_shardings = {"prompts": batch_sharding, "prompt_mask": batch_sharding}
   abstract_batch = {key: jax.ShapeDtypeStruct((config.batch_size, config.data.prompt_len), dtype,
                                               sharding=batch_sharding)
                     for key, dtype in (("prompts", np.int32), ("prompt_mask", np.bool_))}
   compile_with_reward = functools.partial(_compile_with_reward, reward_fn=reward_fn, mesh=mesh)
-  step_fn = compile_with_reward(
+  train = compile_with_reward(
       "train step", lambda reward: train_step_lib.make_train_step(config, model_config, reward, optimizer),
       in_shardings=(state_shardings, param_shardings, batch_shardings),
       args=(state, ref_params, abstract_batch), out_shardings=(state_shardings, None), donate_argnums=1)
-  eval_fn = compile_with_reward(
+  evaluate = compile_with_reward(
       "evaluation step", lambda reward: evaluation.make_eval_step(config, model_config, reward),
       in_shardings=(param_shardings, param_shardings, batch_shardings, None),
       args=(state.params, ref_params, abstract_batch, jax.random.PRNGKey(0)))
+  if not config.exact.every:
+    return CompiledSteps(train, evaluate, None)
+  # The first held-out batch, each prompt once, replicated: every host gathers the same prompts.
+  local = _peek(eval_prompts)
+  exact_batch = exact_evaluation.distinct_prompts(
+      {key: multihost_utils.process_allgather(np.asarray(local[key]), tiled=True)
+       for key in ("prompts", "prompt_mask")})
+  exact = compile_with_reward(
+      "exact evaluation", lambda reward: exact_evaluation.make_exact_step(config, model_config, reward),
+      in_shardings=(param_shardings, param_shardings, param_shardings, None),
+      args=(state.params, state.anchor_params, ref_params, exact_batch))
+  return CompiledSteps(train, evaluate, lambda *params: exact(*params, exact_batch))
 
-  def evaluate(step: int) -> dict[str, float]:
-    eval_prompts.set_state(eval_start)  # The same held-out prompts every time.
-    rng = jax.random.PRNGKey(config.seed + 1)
-    records = [jax.device_get(eval_fn(state.params, ref_params, _global_batch(next(eval_prompts), batch_sharding),
-                                      jax.random.fold_in(rng, i)))
-               for i in range(config.eval_batches)]
-    metrics = _average(records)
-    writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
-    return metrics
 
-  exact_fn = exact_batch = None
-  if config.exact.every:
-    # The first held-out batch, each prompt once, replicated: every host gathers the same prompts.
-    local = _peek(eval_prompts)
-    exact_batch = exact_evaluation.distinct_prompts(
-        {key: multihost_utils.process_allgather(np.asarray(local[key]), tiled=True)
-         for key in ("prompts", "prompt_mask")})
-    exact_fn = compile_with_reward(
-        "exact evaluation", lambda reward: exact_evaluation.make_exact_step(config, model_config, reward),
-        in_shardings=(param_shardings, param_shardings, param_shardings, None),
-        args=(state.params, state.anchor_params, ref_params, exact_batch))
+def _compile_with_reward(name: str, make_fn, reward_fn, mesh, in_shardings, args, **jit_kwargs):
+  """Compiles `make_fn(reward_fn)` for `args` ahead of time, with the reward as an argument; returns it bound.
 
-  def exact(step: int) -> None:
-    """Logs the exact KLs (`exact_evaluation`) every `config.exact.every` steps and at the end."""
-    if exact_fn is not None and (step % config.exact.every == 0 or step == config.num_steps):
-      writer.write(step, jax.device_get(exact_fn(state.params, state.anchor_params, ref_params, exact_batch)))
+  A reward model's weights (the leaves of its `RewardFn` pytree) then enter the compiled program as sharded
+  inputs rather than as constants baked into it, which would compile slowly and hold a second copy in memory.
+  `args` may be arrays or `jax.ShapeDtypeStruct`s; `donate_argnums` counts the arguments after the reward, from 1.
+  """
+  jitted = jax.jit(lambda reward, *fn_args: make_fn(reward)(*fn_args),
+                   in_shardings=(sharding.param_shardings(reward_fn, mesh), *in_shardings), **jit_kwargs)
+  start = time.perf_counter()
+  compiled = jitted.lower(reward_fn, *args).compile()
+  logging.info("Compiled the %s in %.1f s.", name, time.perf_counter() - start)
+  return functools.partial(compiled, reward_fn)
 
-  def save() -> None:
-    """Checkpoints the state under its own step (the data position always matches it)."""
-    step = int(state.step)
-    # A stop (signal or non-finite losses) can come right after the periodic save of the same step.
-    if step not in checkpointer.steps():
-      checkpointer.save(step, state, {"train": train_prompts.get_state()})
 
-  writer = metrics_logging.MetricsWriter(workdir, resume_step=start_step)
-  stop = _StopRequests()
-  consecutive_nonfinite = 0
-  window_tokens, window_start = 0.0, time.perf_counter()
-  progress = tqdm.tqdm(total=config.num_steps, initial=start_step, desc=config.algorithm, unit="step",
-                       disable=jax.process_index() != 0, dynamic_ncols=True)
+def _global_batch(local: dict, batch_sharding) -> dict[str, jax.Array]:
+  """This host's rows of a batch -> global arrays sharded over the mesh's batch axes."""
+  return {key: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[key]))
+          for key in ("prompts", "prompt_mask")}
 
-  def record(step: int, metrics, texts: list[str]) -> None:
-    """Reads a step's metrics (one step late, so the host never stalls the device) and acts on them.
 
-    `texts` are this host's prompts of the step, to name a prompt whose reward was not finite.
+def _peek(prompts: prompt_batches.PromptIterator) -> dict:
+  """The next batch of a prompt iterator, leaving the iterator where it was."""
+  position = prompts.get_state()
+  batch = next(prompts)
+  prompts.set_state(position)
+  return batch
+
+
+class _StopRequests:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps, so it can checkpoint and exit cleanly."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame):
+    del frame
+    # A second signal while saving changes nothing: the save in progress completes.
+    self.signal_name = signal.Signals(signum).name
+
+  def restore(self):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+class TrainingLoop:
+  """The training loop, its state and its exits.
+
+  It steps from the state's step to `config.num_steps`, reading each step's metrics one step late (so the host
+  never stalls the device), evaluating, checkpointing and computing the exact KLs on their schedules. It ends in
+  one of four ways, each leaving the state of its last good step checkpointed:
+  - every step done: the final evaluation is returned;
+  - SIGTERM or SIGINT: the current step is checkpointed and `run` returns no evaluation;
+  - a NaN or inf reward: the step was skipped; `RewardError` names the step and the prompt;
+  - `config.max_consecutive_nonfinite` non-finite steps in a row: `NonFiniteLossError`.
+
+  Use it as a context manager: leaving it restores the signal handlers and closes the metric sinks.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, steps: CompiledSteps,
+               checkpointer: checkpointing.Checkpointer, train_prompts: prompt_batches.PromptIterator,
+               eval_prompts: prompt_batches.PromptIterator, batch_sharding: NamedSharding):
+    self._config = config
+    self._workdir = workdir
+    self._steps = steps
+    self._checkpointer = checkpointer
+    self._train_prompts = train_prompts
+    self._eval_prompts = eval_prompts
+    self._eval_start = eval_prompts.get_state()
+    self._batch_sharding = batch_sharding
+    self._state = None
+    self._ref_params = None
+    self._pending = None  # (step, metrics on the device, this host's prompt texts) of the last step run.
+    self._consecutive_nonfinite = 0
+    self._window_tokens, self._window_start = 0.0, time.perf_counter()  # Throughput since the last logged step.
+    self._start_step = 0
+    self._writer = self._stop = self._progress = None
+
+  def __enter__(self) -> TrainingLoop:
+    self._stop = _StopRequests()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self._stop.restore()
+    if self._progress is not None:
+      self._progress.close()
+    if self._writer is not None:
+      self._writer.close()
+
+  def run(self, state, ref_params) -> tuple[Any, dict[str, float] | None]:
+    """Trains from `state` to `config.num_steps`; returns the final state and evaluation (None: a signal stopped
+    the run).
+
+    Raises:
+      rewards.RewardError: a reward was NaN or inf.
+      NonFiniteLossError: too many non-finite steps in a row.
     """
-    nonlocal consecutive_nonfinite, window_tokens, window_start
+    config = self._config
+    self._state, self._ref_params = state, ref_params
+    self._start_step = int(state.step)
+    self._writer = metrics_logging.MetricsWriter(self._workdir, resume_step=self._start_step)
+    self._progress = tqdm.tqdm(total=config.num_steps, initial=self._start_step, desc=config.algorithm,
+                               unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
+    if self._start_step == 0:
+      self._exact(0)
+    for step in range(self._start_step + 1, config.num_steps + 1):
+      batch = next(self._train_prompts)
+      self._state, metrics = self._steps.train(self._state, ref_params, _global_batch(batch, self._batch_sharding))
+      self._record_pending()
+      self._pending = (step, metrics, batch["text"])
+      self._progress.update(1)
+      self._exact(step)
+      if step % config.checkpoint_every == 0 and step != config.num_steps:
+        self._save()
+      if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
+        self._evaluate(step)
+      if self._stop.signal_name:
+        self._record_pending()
+        self._finish()
+        logging.warning("%s received: checkpointed step %d and stopped.", self._stop.signal_name, step)
+        return self._state, None
+    self._record_pending()
+    self._save()
+    final = self._evaluate(config.num_steps)
+    self._checkpointer.close()
+    return self._state, final
+
+  def _record_pending(self) -> None:
+    """Reads the last step's metrics and acts on them: logs them on logged steps, stops on non-finite values."""
+    if self._pending is None:
+      return
+    step, metrics, texts = self._pending
+    self._pending = None
     metrics = metrics_logging.to_python_scalars(jax.device_get(metrics))
     if metrics["reward/nonfinite_prompts"]:
-      save()  # The step with the bad rewards was skipped: the state holds only finite updates.
-      checkpointer.close()
-      raise rewards.RewardError(_nonfinite_reward_message(step, metrics, texts, workdir))
-    consecutive_nonfinite = consecutive_nonfinite + 1 if metrics["nonfinite"] else 0
-    window_tokens += metrics["tokens/generated"]
-    if train_step_lib.is_log_step(config, step):
-      elapsed = time.perf_counter() - window_start
-      metrics["perf/tokens_per_s"] = window_tokens / elapsed
-      metrics["perf/step_time_s"] = elapsed / min(config.log_every, step - start_step)
-      writer.write(step, metrics)
-      progress.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in
-                            ("reward/policy", "kl/policy_ref", "quantile/policy_vs_anchor") if k in metrics})
-      window_tokens, window_start = 0.0, time.perf_counter()
-    if consecutive_nonfinite >= config.max_consecutive_nonfinite:
-      save()  # Skipped steps leave the state as it was: this is the last good state.
-      checkpointer.close()
+      # The step with the bad rewards was skipped: the state holds only finite updates.
+      self._finish()
+      raise rewards.RewardError(_nonfinite_reward_message(step, metrics, texts, self._workdir))
+    self._consecutive_nonfinite = self._consecutive_nonfinite + 1 if metrics["nonfinite"] else 0
+    self._window_tokens += metrics["tokens/generated"]
+    if train_step_lib.is_log_step(self._config, step):
+      elapsed = time.perf_counter() - self._window_start
+      metrics["perf/tokens_per_s"] = self._window_tokens / elapsed
+      metrics["perf/step_time_s"] = elapsed / min(self._config.log_every, step - self._start_step)
+      self._writer.write(step, metrics)
+      self._progress.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in
+                                  ("reward/policy", "kl/policy_ref", "quantile/policy_vs_anchor") if k in metrics})
+      self._window_tokens, self._window_start = 0.0, time.perf_counter()
+    if self._consecutive_nonfinite >= self._config.max_consecutive_nonfinite:
+      # Skipped steps leave the state as it was: this is the last good state.
+      self._finish()
       raise NonFiniteLossError(
-          f"{consecutive_nonfinite} consecutive steps had a non-finite loss or gradient (last at step {step}); the "
-          f"last good state is checkpointed in {workdir}/checkpoints.")
+          f"{self._consecutive_nonfinite} consecutive steps had a non-finite loss or gradient (last at step {step}); "
+          f"the last good state is checkpointed in {self._workdir}/checkpoints.")
 
-  pending = None
-  try:
-    if start_step == 0:
-      exact(0)
-    for step in range(start_step + 1, config.num_steps + 1):
-      batch = next(train_prompts)
-      state, metrics = step_fn(state, ref_params, _global_batch(batch, batch_sharding))
-      if pending is not None:
-        record(*pending)
-      pending = (step, metrics, batch["text"])
-      progress.update(1)
-      exact(step)
-      if step % config.checkpoint_every == 0 and step != config.num_steps:
-        save()
-      if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
-        evaluate(step)
-      if stop.signal_name:
-        record(*pending)
-        save()
-        checkpointer.close()
-        logging.warning("%s received: checkpointed step %d and stopped.", stop.signal_name, step)
-        return {}
-    if pending is not None:
-      record(*pending)
-    if start_step < config.num_steps:
-      save()
-    final = evaluate(config.num_steps)
-  finally:
-    progress.close()
-    stop.restore()
-    writer.close()
-  checkpointer.close()
+  def _save(self) -> None:
+    """Checkpoints the state under its own step (the data position always matches it)."""
+    step = int(self._state.step)
+    # A stop (signal or non-finite losses) can come right after the periodic save of the same step.
+    if step not in self._checkpointer.steps():
+      self._checkpointer.save(step, self._state, {"train": self._train_prompts.get_state()})
 
-  summary = evaluation.report(final, config.eval.bon_ns)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
-    print(format_report(summary))
-    print(f"plot: {plots.plot_run(workdir)}")
-  examples = example_generations(config, model_config, tokenizer, state.params, ref_params, eval_prompts,
-                                 eval_start, batch_sharding)
-  if jax.process_index() == 0:
-    print(examples)
-  return summary
+  def _finish(self) -> None:
+    """Every exit's last act: the current state checkpointed and on disk."""
+    self._save()
+    self._checkpointer.close()
+
+  def _evaluate(self, step: int) -> dict[str, float]:
+    """Evaluates the policy on the same held-out prompts every time; logs and returns the averaged metrics."""
+    self._eval_prompts.set_state(self._eval_start)
+    rng = jax.random.PRNGKey(self._config.seed + 1)
+    records = [jax.device_get(self._steps.evaluate(
+                   self._state.params, self._ref_params,
+                   _global_batch(next(self._eval_prompts), self._batch_sharding), jax.random.fold_in(rng, i)))
+               for i in range(self._config.eval_batches)]
+    metrics = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+    self._writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+    return metrics
+
+  def _exact(self, step: int) -> None:
+    """Logs the exact KLs (`exact_evaluation`) every `config.exact.every` steps and at the end."""
+    every = self._config.exact.every
+    if self._steps.exact is not None and (step % every == 0 or step == self._config.num_steps):
+      state = self._state
+      self._writer.write(step, jax.device_get(self._steps.exact(state.params, state.anchor_params,
+                                                                 self._ref_params)))
 
 
 def _nonfinite_reward_message(step: int, metrics: dict[str, float], texts: list[str], workdir: str) -> str:
@@ -315,16 +404,15 @@ def format_report(summary: dict[str, dict[str, float]]) -> str:
   return "\n".join(lines)
 
 
-def example_generations(config, model_config, tokenizer, params, ref_params, eval_prompts, eval_start,
-                        batch_sharding) -> str:
-  """One held-out prompt with a reference and a policy generation, for a person to read.
+def example_generations(config, model_config, tokenizer, params, ref_params, batch: dict,
+                        batch_sharding: NamedSharding) -> str:
+  """The first prompt of `batch` (this host's rows of a held-out batch) with a reference and a policy generation,
+  for a person to read.
 
   Every process calls it: the parameters may span processes, so sampling runs on the mesh and its output comes
-  back replicated. The prompt is the first row of the first held-out batch (process 0's first row).
+  back replicated. The prompt is process 0's first row.
   """
-  eval_prompts.set_state(eval_start)
-  batch = next(eval_prompts)
-  sample_config = train_step_lib.sampling_config(config, model_config, 1)
+  sample_config = sampling.make_sampling_config(config.sampling, model_config, 1)
   rng = jax.random.PRNGKey(config.seed + 2)
   sample_first = jax.jit(
       lambda p, b: sampling.sample(p, b["prompts"][:1], b["prompt_mask"][:1], rng, sample_config, model_config),

@@ -25,5 +25,5 @@ def get_config():
   config.bond.n = 4
   config.bond.num_anchor_samples = 16  # k: its Monte Carlo bias shifts the target by ~0.001 nats here.
   config.bond.beta = 0.5
-  config.bond.anchor = "fixed"
+  config.anchor.mode = "fixed"
   return config

@@ -9,7 +9,7 @@ M in `exact.bon_ns` (`exact/kl_pi_bon{M}`); `experiments/plot_exact.py --iterati
 exact metrics for J-BOND with its EMA anchor (not tuned here):
 
   python experiments/run.py --config=configs/exact_iterative.py --workdir=/tmp/bond_exact_jbond \
-      --config.algorithm=jbond --config.bond.anchor=ema --config.bond.eta=0.02
+      --config.algorithm=jbond --config.anchor.mode=ema --config.anchor.eta=0.02
 
 The task and policy are those of `configs/exact.py` (`bond_jax/tasks/enumerable.py`).
 """
@@ -25,7 +25,7 @@ def get_config():
   config.checkpoint_every = 500
   config.bond.n = 2
   config.bond.beta = 0.5
-  config.bond.anchor = "periodic"
-  config.bond.anchor_period = 100
+  config.anchor.mode = "periodic"
+  config.anchor.period = 100
   config.exact.bon_ns = (2, 4, 8, 16, 32, 64)
   return config

@@ -35,7 +35,7 @@ def get_config():
   config.sampling.max_new_tokens = 256
   config.optimizer.learning_rate = 3e-6
   config.optimizer.warmup_steps = 100
-  config.bond.beta = 0.5
-  config.bond.eta = 0.02
-  config.bond.gamma = 0.1
+  config.jbond.beta = 0.5
+  config.jbond.gamma = 0.1
+  config.anchor.eta = 0.02
   return config

@@ -35,14 +35,14 @@ def get_config(method: str = "jbond"):
 
   if method == "jbond":
     config.algorithm = "jbond"
-    config.bond.beta = 0.5
+    config.jbond.beta = 0.5
   elif method in BOND_BETAS:
     config.algorithm = "bond"
     config.bond.n = 8
     config.bond.num_anchor_samples = 16
     config.bond.num_policy_samples = 2
-    config.bond.anchor = "fixed"
     config.bond.beta = BOND_BETAS[method]
+    config.anchor.mode = "fixed"
   elif method.startswith("reinforce_"):
     try:
       kl_coef = float(method[len("reinforce_"):])
@@ -51,8 +51,8 @@ def get_config(method: str = "jbond"):
     if kl_coef <= 0:
       raise ValueError(f"configs/pareto.py: {method!r} needs a positive KL coefficient, e.g. 'reinforce_0.1'.")
     config.algorithm = "reinforce"
-    config.bond.num_policy_samples = 2
-    config.bond.kl_coef = kl_coef
+    config.reinforce.num_samples = 2
+    config.reinforce.kl_coef = kl_coef
   elif method == "bon":
     config.num_steps = 1
     config.eval_every = 0

@@ -12,7 +12,7 @@ the reference:
 The task (`bond_jax/tasks/arithmetic.py`): prompts "a+b=" with a, b <= 29 (10% held out for evaluation), reward 1
 for the exact sum and 0 otherwise, so most samples tie. The reference is the shipped tiny LM in
 `bond_jax/assets/arithmetic/policy` (`python experiments/pretrain.py --task=arithmetic ...`). Methods (the config
-argument): `jbond_tie_aware` (J-BOND with `bond.reward_form = "tie_aware"`), `jbond_paper` (the paper's J-BOND
+argument): `jbond_tie_aware` (J-BOND with `jbond.reward_form = "tie_aware"`), `jbond_paper` (the paper's J-BOND
 reward) and `reinforce` (raw reward, leave-one-out baseline over 2 samples, KL to the reference).
 """
 
@@ -45,10 +45,10 @@ def get_config(method: str = "jbond_tie_aware"):
 
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 10
-  config.bond.reward_form = "log_quantile" if method == "jbond_paper" else "tie_aware"
-  config.bond.beta = 0.5
-  config.bond.eta = 0.02
-  config.bond.kl_coef = 0.05
+  config.jbond.reward_form = "penalty" if method == "jbond_paper" else "tie_aware"
+  config.jbond.beta = 0.5
+  config.anchor.eta = 0.02
+  config.reinforce.kl_coef = 0.05
   config.eval.num_ref_samples = 16
   config.eval.bon_ns = (2, 4, 8, 16)
   return config

@@ -25,6 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import matplotlib
+import ml_collections
+
+from bond_jax import algorithms
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -37,10 +40,10 @@ flags.mark_flag_as_required("out")
 TARGET_KL = 0.05  # nats: the exact KL(π || π_BoN) a one-shot run must end below.
 
 
-def read_run(workdir: str) -> tuple[dict, dict[str, list[tuple[int, float]]]]:
-  """(config, {metric: [(step, value), ...]}) of a run's exact metrics."""
+def read_run(workdir: str) -> tuple[algorithms.Algorithm, dict[str, list[tuple[int, float]]]]:
+  """(the run's algorithm, {metric: [(step, value), ...]}) of a run's exact metrics."""
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    config = json.load(f)
+    algorithm = algorithms.from_config(ml_collections.ConfigDict(json.load(f)))
   series: dict[str, list[tuple[int, float]]] = {}
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
@@ -50,25 +53,21 @@ def read_run(workdir: str) -> tuple[dict, dict[str, list[tuple[int, float]]]]:
           series.setdefault(key, []).append((record["step"], value))
   if "exact/kl_pi_bon" not in series:
     raise ValueError(f"{workdir}/metrics.jsonl has no exact/* metrics: was it run with config.exact.every > 0?")
-  return config, series
+  return algorithm, series
 
 
 def _xy(points):
   return [s for s, _ in points], [v for _, v in points]
 
 
-def _target_n(config: dict) -> int:
-  return 2 if config["algorithm"] == "jbond" else config["bond"]["n"]
-
-
-def plot_one_shot(runs: list[tuple[dict, dict]], out: str) -> list[str]:
+def plot_one_shot(runs: list[tuple[algorithms.Algorithm, dict]], out: str) -> list[str]:
   """The two one-shot figures; returns their paths."""
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-  for config, series in runs:
-    label = f"β = {config['bond']['beta']:g}"
+  for algorithm, series in runs:
+    label = f"β = {algorithm.beta:g}"
     for ax, key in zip(axes, ("exact/kl_pi_bon", "exact/kl_bon_pi")):
       ax.plot(*_xy(series[key]), label=label)
-  n = _target_n(runs[0][0])
+  n = runs[0][0].target_n()
   for ax, title in zip(axes, (f"KL(π || BoN_{n}(π_ref))", f"KL(BoN_{n}(π_ref) || π)")):
     ax.axhline(TARGET_KL, color="k", ls=":", label=f"{TARGET_KL} nats")
     ax.set(yscale="log", xlabel="step", title=f"exact {title}")
@@ -81,8 +80,8 @@ def plot_one_shot(runs: list[tuple[dict, dict]], out: str) -> list[str]:
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(6.5, 4))
-  for config, series in runs:
-    ax.plot(*_xy(series["exact/kl_pi_ref"]), label=f"KL(π || π_ref), β = {config['bond']['beta']:g}")
+  for algorithm, series in runs:
+    ax.plot(*_xy(series["exact/kl_pi_ref"]), label=f"KL(π || π_ref), β = {algorithm.beta:g}")
   exact_kl, closed_form = runs[0][1]["exact/kl_bon_ref"][-1][1], math.log(n) - (n - 1) / n
   ax.axhline(exact_kl, color="k", label=f"exact KL(BoN_{n} || π_ref) = {exact_kl:.4f}")
   ax.axhline(closed_form, color="k", ls="--", label=f"log {n} - {n - 1}/{n} = {closed_form:.4f} (no atoms)")
@@ -96,7 +95,7 @@ def plot_one_shot(runs: list[tuple[dict, dict]], out: str) -> list[str]:
   return paths
 
 
-def plot_iterative(config: dict, series: dict, out: str) -> str:
+def plot_iterative(algorithm: algorithms.Algorithm, series: dict, out: str) -> str:
   """The iterative figure; returns its path."""
   sizes = sorted(int(key[len("exact/kl_pi_bon"):]) for key in series
                  if key.startswith("exact/kl_pi_bon") and key[len("exact/kl_pi_bon"):].isdigit())
@@ -106,16 +105,15 @@ def plot_iterative(config: dict, series: dict, out: str) -> str:
     axes[0].plot(*_xy(series[f"exact/kl_pi_bon{m}"]), color=color, label=f"KL(π || BoN_{m})")
     axes[1].axhline(series[f"exact/kl_bon{m}_ref"][-1][1], color=color, ls="--", label=f"KL(BoN_{m} || π_ref)")
   axes[1].plot(*_xy(series["exact/kl_pi_ref"]), color="k", label="KL(π || π_ref)")
-  if config["bond"]["anchor"] == "periodic":
-    period = config["bond"]["anchor_period"]
+  schedule = algorithm.anchor
+  if schedule.mode == "periodic":
+    last_step = max(step for step, _ in series["exact/kl_pi_ref"])
     for ax in axes:
-      for step in range(period, config["num_steps"], period):
+      for step in range(schedule.period, last_step, schedule.period):
         ax.axvline(step, color="grey", lw=0.8, ls=":")
-  n = _target_n(config)
-  anchor = config["bond"]["anchor"] + (f" every {config['bond']['anchor_period']} steps"
-                                       if config["bond"]["anchor"] == "periodic" else "")
+  anchor = schedule.mode + (f" every {schedule.period} steps" if schedule.mode == "periodic" else "")
   axes[0].set(yscale="log", xlabel="step (dotted: anchor moves)", ylabel="nats",
-              title=f"{config['algorithm']} n = {n}, anchor {anchor}: exact KL to BoN_M(π_ref)")
+              title=f"{algorithm.name} n = {algorithm.target_n()}, anchor {anchor}: exact KL to BoN_M(π_ref)")
   axes[1].set(xlabel="step", ylabel="nats", title="policy's KL to the reference vs BoN_M's")
   for ax, corner in zip(axes, ("upper right", "lower right")):
     ax.grid(alpha=0.3)

@@ -1,5 +1,6 @@
 """The verifiable arithmetic task: checker, shipped assets, corpus noise, reference pass rate, experiment configs."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import transformers
 
+from bond_jax import algorithms
 from bond_jax import run_config
 from bond_jax import sampling
 from bond_jax.data import prompt_sources
@@ -79,8 +81,6 @@ def test_experiment_configs_are_valid(method):
   spec.loader.exec_module(module)
   config = module.get_config(method)
   run_config.validate(config, num_devices=1)
-  expected = {"jbond_tie_aware": ("jbond", "tie_aware"), "jbond_paper": ("jbond", "log_quantile")}
-  if method in expected:
-    assert (config.algorithm, config.bond.reward_form) == expected[method]
-  else:
-    assert config.algorithm == "reinforce"
+  expected = {"jbond_tie_aware": algorithms.JBond(reward_form="tie_aware"),
+              "jbond_paper": algorithms.JBond(reward_form="penalty"), "reinforce": algorithms.Reinforce()}[method]
+  assert dataclasses.replace(algorithms.from_config(config), anchor=None) == expected

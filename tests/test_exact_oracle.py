@@ -118,7 +118,7 @@ def test_enumerated_log_probs_normalise_and_agree_with_the_kv_cache_sampler(tiny
 def test_exact_step_matches_a_float64_oracle(tiny_policy):
   model_config, params, prompts, prompt_mask = tiny_policy
   config = run_config.base_config()
-  config.algorithm, config.bond.n, config.bond.anchor = "bond", 4, "ema"
+  config.algorithm, config.bond.n, config.anchor.mode = "bond", 4, "ema"
   config.sampling.max_new_tokens = 3
   config.exact.every, config.exact.bon_ns = 1, (2, 8)
   ref_params = transformer.init_params(model_config, jax.random.PRNGKey(2))
@@ -197,13 +197,13 @@ def test_iterative_bond_climbs_the_best_of_2_to_the_t_ladder(tmp_path):
   """configs/exact_iterative.py, shortened (3 periods of 50 steps): at the end of each anchor period t = 0, 1, 2 the
   policy is nearer to BoN_{2^(t+1)}(π_ref) than to any other BoN_{2^i}."""
   config = shipped_configs.load("exact_iterative")
-  config.bond.anchor_period, periods = 50, 3
-  config.num_steps = config.checkpoint_every = periods * config.bond.anchor_period
-  config.exact.every = config.bond.anchor_period
+  config.anchor.period, periods = 50, 3
+  config.num_steps = config.checkpoint_every = periods * config.anchor.period
+  config.exact.every = config.anchor.period
   trainer.train(config, str(tmp_path))
   records = {r["step"]: r for r in exact_records(str(tmp_path))}
   sizes = config.exact.bon_ns
   for t in range(periods):
-    record = records[(t + 1) * config.bond.anchor_period]
+    record = records[(t + 1) * config.anchor.period]
     kls = [record[f"exact/kl_pi_bon{m}"] for m in sizes]
     assert sizes[int(np.argmin(kls))] == 2 ** (t + 1), (t, dict(zip(sizes, kls)))

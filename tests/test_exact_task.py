@@ -85,7 +85,7 @@ def test_exact_configs_are_valid(name):
 
 @pytest.mark.parametrize("field,value,named", [
     ("data.prompts", (), "data.prompts"),
-    ("sampling.temperature", 0.7, "exact.every"),
+    ("sampling.top_k", 4, "sampling.top_k"),
     ("reward.function", "no_colon", "reward.function"),
     ("optimizer.decay_steps", -1, "optimizer.decay_steps"),
     ("policy.model.d_model", 0, "policy.model.d_model"),

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bond_jax import algorithms
 from bond_jax import losses
 from bond_jax import quantiles
 from bond_jax import rewards
@@ -120,17 +121,17 @@ def bfloat16_components(tiny_policy_dir, prompt_data_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("algorithm,reward_form,reward_metric", [
-    ("jbond", "log_quantile", "loss/reward"), ("bond", "tie_aware", "loss/backward/bond_reward")])
+    ("jbond", "penalty", "loss/reward"), ("bond", "tie_aware", "loss/backward/bond_reward")])
 def test_a_bfloat16_policy_trains_through_losing_and_tied_batches(
     algorithm, reward_form, reward_metric, tiny_policy_dir, bfloat16_components, fault_tally):
   config = tiny_run.tiny_config(tiny_policy_dir, algorithm=algorithm, **{
-      "policy.dtype": "bfloat16", "bond.reward_form": reward_form})
+      "policy.dtype": "bfloat16", f"{algorithm}.reward_form": reward_form})
   ref_params, model_config, batch = bfloat16_components
   optimizer = train_state.make_optimizer(config.optimizer)
   initial = train_state.create_train_state(ref_params, optimizer, seed=0)
   step = jax.jit(lambda reward, state: train_step.make_train_step(config, model_config, reward, optimizer)(
       state, ref_params, batch))
-  num_policy = 1 if algorithm == "jbond" else config.bond.num_policy_samples
+  num_policy = algorithms.from_config(config).sample_counts().policy
   for scenario in ("every sample loses", "all rewards tie"):
     kind = f"numerics: bfloat16 step, {scenario}"
     fault_tally.record(kind, injected=1, survived=0)
@@ -140,7 +141,7 @@ def test_a_bfloat16_policy_trains_through_losing_and_tied_batches(
     assert all(x.dtype == np.float32 and np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
     assert not np.array_equal(state.params["embedder"]["embedding"], initial.params["embedder"]["embedding"])
     assert metrics["quantile/policy_vs_anchor"] == (0.0 if scenario == "every sample loses" else 1.0)
-    name = f"{algorithm}_{'paper' if reward_form == 'log_quantile' else reward_form}"
+    name = f"{algorithm}_{'paper' if reward_form == 'penalty' else reward_form}"
     expected = closed_form_reward(name, scenario, config.bond.n, config.bond.num_anchor_samples)
     np.testing.assert_allclose(metrics[reward_metric], expected, rtol=1e-6)
     fault_tally.record(kind, injected=0, survived=1)

@@ -8,6 +8,7 @@ import os
 import matplotlib.image
 import pytest
 
+from bond_jax import algorithms
 from bond_jax import plots
 from bond_jax import run_config
 
@@ -65,12 +66,12 @@ def _pareto(method: str):
   return module.get_config(method)
 
 
-@pytest.mark.parametrize("method,algorithm", [("jbond", "jbond"), ("bond_beta05", "bond"),
-                                              ("reinforce_0.1", "reinforce"), ("bon", "jbond")])
+@pytest.mark.parametrize("method,algorithm", [("jbond", algorithms.JBond), ("bond_beta05", algorithms.Bond),
+                                              ("reinforce_0.1", algorithms.Reinforce), ("bon", algorithms.JBond)])
 def test_pareto_configs_are_valid(method, algorithm):
   config = _pareto(method)
   run_config.validate(config, num_devices=8)
-  assert config.algorithm == algorithm
+  assert type(algorithms.from_config(config)) is algorithm
 
 
 @pytest.mark.parametrize("method", ["reinforce_", "reinforce_x", "reinforce_-1", "ppo"])

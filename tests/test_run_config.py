@@ -10,8 +10,12 @@ from hypothesis import strategies as st
 import ml_collections
 import pytest
 
+from bond_jax import algorithms
+from bond_jax import anchor
+from bond_jax import losses
 from bond_jax import run_config
 from bond_jax import trainer
+from bond_jax.data import prompt_batches
 import tiny_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,13 +48,13 @@ def test_shipped_configs_are_valid():
   run_config.validate(module.get_config(), num_devices=1)
 
 
-@pytest.mark.parametrize("field", ["foo", "bond.foo", "optimizer.learning_rte"])
+@pytest.mark.parametrize("field", ["foo", "bond.foo", "optimizer.learning_rte", "anchor.rate"])
 def test_unknown_fields_are_named(field):
   assert_rejected(with_field(run_config.base_config(), field, 1), field)
 
 
 @pytest.mark.parametrize("field,value", [
-    ("num_steps", "10"), ("num_steps", 10.0), ("num_steps", True), ("bond.beta", "half"), ("bond.ties_lose", 1),
+    ("num_steps", "10"), ("num_steps", 10.0), ("num_steps", True), ("bond.beta", "half"), ("jbond.ties_lose", 1),
     ("algorithm", 3), ("mesh_shape", 8), ("mesh_shape", (2.0, 2, 2)), ("eval.bon_ns", ("2",)), ("bond", 1),
 ])
 def test_wrong_types_are_named(field, value):
@@ -65,23 +69,28 @@ _NAN = st.just(float("nan"))
 BAD_VALUES = {
     **{f: st.integers(max_value=0) for f in (
         "num_steps", "batch_size", "log_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-        "data.prompt_len", "sampling.max_new_tokens", "bond.anchor_period", "bond.num_policy_samples")},
+        "data.prompt_len", "sampling.max_new_tokens", "anchor.period", "bond.num_policy_samples",
+        "reinforce.num_samples")},
     **{f: st.integers(max_value=-1) for f in ("eval_every", "sampling.top_k", "optimizer.warmup_steps")},
     "bond.n": st.integers(max_value=0),
     "eval.num_ref_samples": st.integers(max_value=1),
     "bond.beta": st.floats().filter(lambda v: not 0 <= v <= 1),
-    "bond.eta": st.floats().filter(lambda v: not 0 < v <= 1),
+    "jbond.beta": st.floats().filter(lambda v: not 0 <= v <= 1),
+    "anchor.eta": st.floats().filter(lambda v: not 0 < v <= 1),
     "sampling.top_p": st.floats().filter(lambda v: not 0 < v <= 1),
     "optimizer.b1": st.floats().filter(lambda v: not 0 <= v < 1),
     "optimizer.b2": st.floats().filter(lambda v: not 0 <= v < 1),
     "sampling.temperature": st.floats(max_value=0) | _NAN,
     "optimizer.learning_rate": st.floats(max_value=0) | _NAN,
-    "bond.gamma": st.floats(max_value=-1e-9) | _NAN,
+    "jbond.gamma": st.floats(max_value=-1e-9) | _NAN,
+    "jbond.penalty": st.floats(max_value=-1e-9) | _NAN,
+    "reinforce.kl_coef": st.floats(max_value=-1e-9) | _NAN,
     "memory_limit_gib": st.floats(max_value=-1e-9) | _NAN,
-    "algorithm": _not_in(run_config.ALGORITHMS),
-    "bond.anchor": _not_in(run_config.ANCHOR_MODES),
-    "bond.reward_form": _not_in(run_config.REWARD_FORMS),
-    "data.overlong": _not_in(run_config.OVERLONG_POLICIES),
+    "algorithm": _not_in(algorithms.names()),
+    "anchor.mode": _not_in(anchor.ANCHOR_MODES),
+    "bond.reward_form": _not_in(losses.REWARD_FORMS),
+    "jbond.reward_form": _not_in(losses.JBOND_REWARD_FORMS),
+    "data.overlong": _not_in(prompt_batches.OVERLONG_POLICIES),
     "policy.source": _not_in(run_config.POLICY_SOURCES),
 }
 
@@ -110,7 +119,11 @@ def _config(**fields):
     ({"batch_size": 6, "mesh_shape": (-1, 1, 1)}, "batch_size", 8),
     ({"batch_size": 6, "mesh_shape": (2, 2, 2)}, "batch_size", 8),  # data x fsdp = 4
     ({"algorithm": "bond", "bond__n": 8, "bond__num_anchor_samples": 4}, "bond.num_anchor_samples", None),
-    ({"algorithm": "reinforce", "bond__num_policy_samples": 1}, "bond.num_policy_samples", None),
+    ({"algorithm": "bond", "bond__num_policy_samples": 1}, "bond.num_policy_samples", None),
+    ({"algorithm": "reinforce", "reinforce__num_samples": 1}, "reinforce.num_samples", None),
+    # Truncated sampling: the policy, anchor and reference would have different supports (infinite KL terms).
+    *[({"algorithm": name, "sampling__top_k": 4}, "sampling.top_k", None) for name in ("jbond", "bond", "reinforce")],
+    *[({"algorithm": name, "sampling__top_p": 0.9}, "sampling.top_p", None) for name in ("jbond", "bond", "reinforce")],
     ({"eval__bon_ns": (2, 32)}, "eval.bon_ns", None),
     ({"eval__bon_ns": ()}, "eval.bon_ns", None),
     ({"policy__source": "hf_checkpoint"}, "policy.path", None),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bond_jax.models import forward, init_params, positions_from_mask, tiny
-from bond_jax.sampling import SamplingConfig, generation_log_probs, left_align, sample
+from bond_jax.sampling import SamplingConfig, generation_log_probs, to_left_padding, sample
 
 MODEL = tiny(vocab_size=32)  # 4 query heads on 2 kv heads
 PAD = 31
@@ -45,7 +45,7 @@ def with_eos(params, row_keys, no_eos):
 
 def next_token_logits(params, prompts, prompt_mask, tokens):
   """Full-forward logits predicting each of `tokens` `[batch, time]` after its (left-aligned) prompt."""
-  prompts, prompt_mask = left_align(jnp.asarray(prompts), jnp.asarray(prompt_mask))
+  prompts, prompt_mask = to_left_padding(jnp.asarray(prompts), jnp.asarray(prompt_mask))
   sequence = jnp.concatenate([prompts, tokens], axis=1)
   mask = jnp.concatenate([prompt_mask, jnp.ones(tokens.shape, bool)], axis=1)
   logits, _ = forward(params, MODEL, sequence, positions_from_mask(mask), mask)
@@ -61,8 +61,8 @@ def full_forward_log_probs(params, tokens, mask):
   return jnp.where(mask, log_probs, 0.0)
 
 
-def test_left_align_packs_real_tokens_right():
-  tokens, mask = left_align(jnp.asarray(PROMPTS), jnp.asarray(PROMPT_MASK))
+def test_to_left_padding_moves_real_tokens_right():
+  tokens, mask = to_left_padding(jnp.asarray(PROMPTS), jnp.asarray(PROMPT_MASK))
   np.testing.assert_array_equal(mask, [[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
   np.testing.assert_array_equal(np.asarray(tokens)[np.asarray(mask)], PROMPTS[PROMPT_MASK])
 
@@ -172,3 +172,22 @@ def test_config_validation():
       SamplingConfig(max_new_tokens=4, **kwargs)
   with pytest.raises(ValueError, match="max_new_tokens"):
     SamplingConfig(max_new_tokens=0)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.4, 0, 1.0), (0.7, 6, 1.0), (1.5, 0, 0.6)])
+def test_generation_log_probs_score_the_sampling_distribution(params, temperature, top_k, top_p):
+  """Given the sampler's config, the scorer's log-probs are those of the distribution sampled: every first token
+  against the numpy oracle (-inf outside the truncation), and whole samples against the sampler's own."""
+  config = SamplingConfig(max_new_tokens=STEPS, num_samples=3, temperature=temperature, top_k=top_k, top_p=top_p,
+                          pad_token_id=PAD)
+  every_token = jnp.arange(MODEL.vocab_size, dtype=jnp.int32)[None, :, None]  # [1, vocab, 1]: one token each
+  scored = generation_log_probs(params, MODEL, PROMPTS[1:2], PROMPT_MASK[1:2], every_token,
+                                jnp.ones(every_token.shape, bool), config)
+  logits = next_token_logits(params, PROMPTS[1:2], PROMPT_MASK[1:2], jnp.zeros((1, 1), jnp.int32))[0, 0]
+  with np.errstate(divide="ignore"):
+    expected = np.log(renormalised(np.asarray(logits), temperature, top_k, top_p))
+  np.testing.assert_allclose(scored[0, :, 0], expected, rtol=1e-4, atol=1e-4)
+
+  out = sample(params, PROMPTS, PROMPT_MASK, jax.random.key(3), config, MODEL)
+  np.testing.assert_allclose(generation_log_probs(params, MODEL, PROMPTS, PROMPT_MASK, out.tokens, out.mask, config),
+                             out.log_probs, rtol=1e-4, atol=1e-4)

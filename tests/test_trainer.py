@@ -30,7 +30,7 @@ def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
 
 @pytest.fixture(scope="module")
 def jbond_one_device(tiny_policy_dir, components):
-  config = tiny_run.tiny_config(tiny_policy_dir, **{"bond.eta": 0.5})
+  config = tiny_run.tiny_config(tiny_policy_dir, **{"anchor.eta": 0.5})
   return config, tiny_run.run_steps(config, tiny_run.one_device_mesh(), components, num_steps=2)
 
 
@@ -46,16 +46,16 @@ def test_step_on_data_fsdp_tensor_mesh_matches_one_device(jbond_one_device, comp
 
 
 def check_anchor_rule(config, initial, history):
-  """The anchor after each step follows `config.bond.anchor` exactly."""
+  """The anchor after each step follows `config.anchor` exactly."""
   previous = initial
   for step, (state, _) in enumerate(history, start=1):
-    if config.bond.anchor == "ema":
-      eta = config.bond.eta
+    if config.anchor.mode == "ema":
+      eta = config.anchor.eta
       expected = jax.tree.map(lambda a, p: (1 - eta) * a + eta * p, previous.anchor_params, state.params)
       assert_trees_close(state.anchor_params, expected, rtol=1e-6, atol=1e-7)
-    elif config.bond.anchor == "fixed":
+    elif config.anchor.mode == "fixed":
       assert_trees_close(state.anchor_params, initial.params, rtol=0, atol=0)
-    elif step % config.bond.anchor_period == 0:
+    elif step % config.anchor.period == 0:
       assert_trees_close(state.anchor_params, state.params, rtol=0, atol=0)
     else:
       assert_trees_close(state.anchor_params, previous.anchor_params, rtol=0, atol=0)
@@ -83,7 +83,7 @@ def test_jbond_steps_and_ema_anchor(jbond_one_device):
                                               ("reinforce", "ema")])
 def test_algorithm_steps_and_anchor_modes(algorithm, anchor, tiny_policy_dir, components):
   config = tiny_run.tiny_config(tiny_policy_dir, algorithm=algorithm, **{
-      "bond.anchor": anchor, "bond.anchor_period": 2, "bond.eta": 0.5})
+      "anchor.mode": anchor, "anchor.period": 2, "anchor.eta": 0.5})
   initial, history = tiny_run.run_steps(config, tiny_run.one_device_mesh(), components, num_steps=2)
   check_step_metrics(history)
   assert not np.allclose(history[-1][0].params["embedder"]["embedding"], initial.params["embedder"]["embedding"])

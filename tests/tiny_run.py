@@ -58,7 +58,7 @@ FULL_RUN = {"num_steps": 4, "keep_checkpoints": 10, "mesh_shape": (1, 2, 4)}
 def tiny_config(policy_dir: str, data_dir: str = "", **overrides):
   """A 3-step run of the tiny policy: batch 8, 8-token prompts, 4 new tokens, Best-of-2 and -4 in evaluation.
 
-  `overrides` maps dotted field names ("bond.anchor") to values.
+  `overrides` maps dotted field names ("anchor.mode") to values.
   """
   config = run_config.base_config()
   config.policy.source = "hf_checkpoint"

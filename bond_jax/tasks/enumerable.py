@@ -37,8 +37,8 @@ def configure(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   The reference is a random 2-layer transformer (seeded by `config.seed`) over `VOCAB_SIZE` tokens without EOS;
   the prompts are `PROMPTS` (inline, trained and measured on alike); generations have 3 tokens (512 per prompt);
   the reward is `reward`. Training-scale settings every exact run shares: 128 prompts per step (each prompt 32
-  times), 4 policy and 8 anchor samples per prompt, Adam at 3e-3, exact KLs every 10 steps; the algorithm, the
-  anchor and the step count are left to the caller.
+  times), BOND with 4 policy and 8 anchor samples per prompt, the tie-aware rewards of BOND and J-BOND, Adam at
+  3e-3, exact KLs every 10 steps; the algorithm, the anchor and the step count are left to the caller.
 
   Example:
     >>> config = configure(run_config.base_config())
@@ -70,6 +70,7 @@ def configure(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.bond.num_anchor_samples = 8
   config.bond.num_policy_samples = 4
   config.bond.reward_form = "tie_aware"
+  config.jbond.reward_form = "tie_aware"
   config.eval.num_ref_samples = 16
   config.eval.bon_ns = (2, 4)
   config.exact.every = 10
