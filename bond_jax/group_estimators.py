@@ -31,9 +31,11 @@ which would bias the gradient); a policy loss that sums token log-probabilities 
 `costs=-advantages`) then follows `-∇J` exactly at the first update of each batch.
 """
 
+import functools
 import math
 
 import chex
+import jax
 import jax.numpy as jnp
 
 from bond_jax import arguments
@@ -41,11 +43,29 @@ from bond_jax import losses
 from bond_jax import quantiles
 
 
-def _group_advantages(rewards, group_size, mask, baseline: bool, value_of_counts, min_others: int):
-  """Per-sample `value_of_counts(count_lt, count_le, others)` minus its leave-one-out baseline, zero where unusable.
+def _value_of_counts(count_lt, count_le, others, beta, floor, penalty, *, form: str, n: int, ties_lose: bool):
+  """`β · R + (1-β) · ŵ` of a sample with `count_lt` / `count_le` of its `others` other samples below / not above it.
+
+  `form`: `"tie_aware"` or `"log_quantile"` (BOND's `bond_log_ratio` of the quantiles) or `"penalty"` (the paper's
+  J-BOND penalty averaged over every pair of others; n = 2).
+  """
+  if form == "penalty":
+    beaten_by = others - (count_lt if ties_lose else count_le)
+    backward = -penalty * beaten_by * (beaten_by - 1) / (others * jnp.maximum(others - 1, 1))
+  else:
+    backward = losses.bond_log_ratio(count_lt / others, count_le / others, n, floor=floor, reward_form=form)
+  return beta * backward + (1 - beta) * quantiles.bon_density_ratio_estimate(count_lt, count_le, others, n)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "baseline", "min_others", "form", "n", "ties_lose"))
+def _group_advantages(rewards, mask, beta, floor, penalty, *, group_size, baseline: bool, min_others: int,
+                      form: str, n: int, ties_lose: bool):
+  """Per-sample `_value_of_counts` minus its leave-one-out baseline, zero where unusable.
 
   `min_others` is the number of other valid samples a value needs; samples with fewer get advantage 0.
   """
+  value_of_counts = functools.partial(_value_of_counts, beta=beta, floor=floor, penalty=penalty, form=form, n=n,
+                                      ties_lose=ties_lose)
   grouped = quantiles.to_groups(rewards, group_size)
   group = grouped.shape[1]
   if group - 1 < min_others:
@@ -77,10 +97,6 @@ def _group_advantages(rewards, group_size, mask, baseline: bool, value_of_counts
     total = jnp.sum(jnp.where(counted, values_without, 0.0), axis=-1)
     value = jnp.where(usable, value - total / jnp.maximum(jnp.sum(counted, axis=-1), 1), 0.0)
   return value.reshape(jnp.shape(rewards))
-
-
-def _forward_weight(n: int):
-  return lambda count_lt, count_le, others: quantiles.bon_density_ratio_estimate(count_lt, count_le, others, n)
 
 
 def bond_group_advantages(
@@ -130,14 +146,11 @@ def bond_group_advantages(
   group = quantiles.to_groups(rewards, group_size).shape[1]
   if floor is None:
     floor = losses.quantile_floor(max(group - 1, 1))
-  forward_weight = _forward_weight(n)
-
-  def value(count_lt, count_le, others):
-    backward = losses.bond_log_ratio(count_lt / others, count_le / others, n, floor=floor, reward_form=reward_form)
-    return beta * backward + (1 - beta) * forward_weight(count_lt, count_le, others)
-
+  arguments.check_real(floor, "floor", 0.0, 1.0)
+  # Pure backward (beta = 1) needs one other sample; the Best-of-n weight needs n - 1.
   min_others = 1 if (arguments.is_python_number(beta) and beta == 1) else max(n - 1, 1)
-  return _group_advantages(rewards, group_size, mask, baseline, value, min_others)
+  return _group_advantages(rewards, mask, beta, floor, 0.0, group_size=group_size, baseline=baseline,
+                           min_others=min_others, form=reward_form, n=n, ties_lose=False)
 
 
 def jbond_group_advantages(
@@ -189,11 +202,5 @@ def jbond_group_advantages(
   if reward_form == "tie_aware":
     return bond_group_advantages(rewards, group_size, n=2, beta=beta, floor=floor, mask=mask, baseline=baseline)
   arguments.check_real(penalty, "penalty", 0.0)
-  forward_weight = _forward_weight(2)
-
-  def value(count_lt, count_le, others):
-    beaten_by = others - (count_lt if ties_lose else count_le)
-    both_beat = beaten_by * (beaten_by - 1) / (others * jnp.maximum(others - 1, 1))
-    return beta * -penalty * both_beat + (1 - beta) * forward_weight(count_lt, count_le, others)
-
-  return _group_advantages(rewards, group_size, mask, baseline, value, min_others=2)
+  return _group_advantages(rewards, mask, beta, 0.0, penalty, group_size=group_size, baseline=baseline,
+                           min_others=2, form="penalty", n=2, ties_lose=ties_lose)

@@ -32,6 +32,7 @@ BASELINES = ("samples", "batch", "none")
 Metrics = dict[str, chex.Array]
 
 _SEQUENCE = "[batch, samples]"
+_BON_TOKENS = "[batch, time] or [batch, samples, time]"
 
 
 class BaselineWarning(UserWarning):
@@ -396,9 +397,9 @@ def forward_kl_loss(
 
   Args:
     bon_policy_log_probs: `log π_θ(y)` of Best-of-N samples, differentiable: per sequence `[batch]` or
-      `[batch, samples]`, or per token `[batch, samples, time]` with `token_mask`.
+      `[batch, samples]`, or per token `[batch, time]` or `[batch, samples, time]` with `token_mask`.
     mask: optional boolean validity, per sequence.
-    token_mask: `[batch, samples, time]` boolean, for per-token log-probs.
+    token_mask: boolean of the shape of per-token `bon_policy_log_probs`.
 
   Returns:
     `(loss, {"nll": loss})`.
@@ -416,7 +417,8 @@ def forward_kl_loss(
     1.0397
   """
   if token_mask is not None:
-    shape = _sequence_shape(token_mask, bon_policy_log_probs, "bon_policy_log_probs")
+    arguments.check_rank(token_mask, "token_mask", (2, 3), _BON_TOKENS)
+    shape = tuple(token_mask.shape[:-1])
   else:
     arguments.check_rank(bon_policy_log_probs, "bon_policy_log_probs", (1, 2),
                          "[batch] or [batch, samples] (per-token log-probs [..., time] need `token_mask`)")
@@ -591,7 +593,7 @@ def jbond_loss(
     policy_rewards: `[batch, samples]` rewards of y (None with `reward`).
     anchor_rewards: `[batch, k]` rewards of `y'_1..y'_k ~ π_anchor` (None with `reward`).
     bon_policy_log_probs: `log π_θ(y'_best)` of the Best-of-k anchor samples, differentiable: `[batch]`,
-      `[batch, m]`, or per token `[batch, m, time]` with `bon_token_mask`. Required.
+      `[batch, m]`, or per token `[batch, time]` or `[batch, m, time]` with `bon_token_mask`. Required.
     beta: backward weight in `[0, 1]` (or a traced scalar).
     gamma: weight of the anchor KL, >= 0 (or a traced scalar).
     penalty: see `jbond_reward` (`"penalty"` only; may be traced).
@@ -646,6 +648,8 @@ def jbond_loss(
   anchor_log_probs = jax.lax.stop_gradient(_per_sequence(anchor_log_probs, "anchor_log_probs", shape, token_mask))
   mask = _valid(mask, shape)
   kl_anchor = kl.kl_k1(policy_log_probs, anchor_log_probs, mask)
+  if bon_token_mask is not None:
+    arguments.check_rank(bon_token_mask, "bon_token_mask", (2, 3), _BON_TOKENS)
   forward, _ = forward_kl_loss(bon_policy_log_probs, bon_mask, token_mask=bon_token_mask)
   backward = score_function_loss(policy_log_probs, kl_anchor - reward, mask, baseline=baseline)
   kl_term = score_function_loss(policy_log_probs, kl_anchor, mask, baseline=baseline)
