@@ -265,7 +265,7 @@ def score_function_loss(
   Gradient: `mean((cost - b) · ∇ log π(y))` with the leave-one-out baseline `b`
   (`leave_one_out_baseline(costs, mask, over=baseline)`). Costs are treated as constants; that
   is exact even when they contain `log π(y)` itself, whose score term has mean zero. To use
-  advantages `A` computed elsewhere (e.g. `group_advantages`), pass `costs=-A, baseline="none"`.
+  advantages `A` computed elsewhere (e.g. `bond_group_advantages`), pass `costs=-A, baseline="none"`.
 
   Args:
     policy_log_probs: `[batch, samples]` `log π_θ(y)` of samples `y ~ π_θ`, differentiable, or per token
@@ -582,7 +582,7 @@ def jbond_loss(
     one sample per prompt). The reward is the paper's `jbond_reward` (`reward_form="penalty"`, a
     bounded stand-in for `log p_le`), `jbond_tie_aware_reward` (`"tie_aware"`, the estimated exact
     Best-of-2 log ratio; use it whenever rewards tie, e.g. verifiable right/wrong rewards), or
-    a `reward` computed elsewhere (e.g. `group_advantages`' rewards).
+    a `reward` computed elsewhere.
   - KL: score function with cost `log π(y) - log π_anchor(y)`, same baseline, so its gradient is
     unbiased for `∇ KL(π || π_anchor)`.
 

@@ -100,7 +100,7 @@ def main():
   ref_params = model.init(init_key, prompts, jnp.zeros((PROMPTS, 1, LENGTH), jnp.int32))
   optimizer = optax.adam(optax.cosine_decay_schedule(1e-2, STEPS))
   params = jax.jit(train, static_argnums=3)(ref_params, ref_params, train_key, optimizer)
-  before, after = (float(exact_kl_to_best_of_n(p, ref_params)) for p in (ref_params, params))
+  before, after = (float(jax.jit(exact_kl_to_best_of_n)(p, ref_params)) for p in (ref_params, params))
   print(f"exact KL(pi || pi_BoN), N = {N}: {before:.4f} nats before training, {after:.4f} after {STEPS} steps")
   return before, after, params, ref_params
 

@@ -107,8 +107,14 @@ def policy_loss(model: nnx.Module, train_example, algo_config, pad_id: int, eos_
   Returns:
     `(loss, aux)`: scalar loss and Tunix's metrics (`kl`, `pg_clipfrac` (always 0: nothing is clipped),
     `pg_loss`, `bond/sequence_ratio_max`).
+
+  Raises:
+    ValueError: packed sequences (per-token advantages).
   """
   del kwargs
+  if train_example.advantages.ndim != 1:
+    raise ValueError("the 'bond' policy loss needs one advantage per sequence: turn off Tunix's sequence packing "
+                     "(max_seq_token_per_tpu=None).")
   graphdef, state = nnx.split(model)
   per_token = common.compute_per_token_logps(
       graphdef, state, prompt_tokens=train_example.prompt_ids, completion_tokens=train_example.completion_ids,
