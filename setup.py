@@ -1,10 +1,19 @@
 """bond_jax: Best-of-N Distillation (BOND, J-BOND) in JAX/Flax."""
 
+import re
+
 import setuptools
+
+
+def _version() -> str:
+  """`__version__` from bond_jax/__init__.py, its one home (importing the package would need its dependencies)."""
+  with open("bond_jax/__init__.py", encoding="utf-8") as f:
+    return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
 
 setuptools.setup(
     name="bond_jax",
-    version="0.1.0",
+    version=_version(),
     description="BOND (Best-of-N Distillation) and J-BOND for JAX/Flax: pure losses, estimators and a trainer.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -36,5 +45,8 @@ setuptools.setup(
         # Peers for benchmarks/train_step.py, each in its own virtual environment (benchmarks/README.md).
         "bench": ["trl>=1.16", "torch>=2.4,<2.14"],
         "bench-tunix": ["google-tunix>=0.1.7"],
+        # bond_jax.integrations.tunix: BOND and J-BOND in Tunix's GRPO learner. Tunix pins safetensors<0.8, which
+        # downgrades transformers, so CI tests it in a virtual environment of its own (README, "Use the losses").
+        "tunix": ["google-tunix>=0.1.7"],
     },
 )

@@ -1,12 +1,13 @@
 """The moving anchor of iterative BOND: an EMA of the policy parameters, or periodic copies of them (docs/method.md,
-"Iterative BOND and the moving anchor")."""
+'Iterative BOND and the moving anchor'; Sessa et al., arXiv 2407.14622)."""
 
 import dataclasses
-import numbers
 
 import chex
 import jax
 import jax.numpy as jnp
+
+from bond_jax import arguments
 
 
 def ema_update(anchor_params: chex.ArrayTree, params: chex.ArrayTree, eta) -> chex.ArrayTree:
@@ -23,10 +24,17 @@ def ema_update(anchor_params: chex.ArrayTree, params: chex.ArrayTree, eta) -> ch
   Returns:
     The updated anchor pytree, leaves in the anchor's dtypes.
 
+  Raises:
+    ValueError: `eta` outside `(0, 1]`.
+    AssertionError: pytrees of different structures or leaf shapes.
+
   Example:
-    >>> anchor = ema_update(anchor, params, eta=0.02)
+    >>> anchor = {"w": jnp.zeros(2)}
+    >>> ema_update(anchor, {"w": jnp.array([1., 2.])}, eta=0.25)["w"]
+    Array([0.25, 0.5 ], dtype=float32)
   """
-  if isinstance(eta, numbers.Real) and not 0 < eta <= 1:
+  arguments.check_real(eta, "eta", 0.0, 1.0)
+  if arguments.is_python_number(eta) and eta == 0:
     raise ValueError(f"`eta` must be in (0, 1], got {eta!r}.")
   chex.assert_trees_all_equal_shapes(anchor_params, params)
   return jax.tree.map(

@@ -34,7 +34,9 @@ def kl_k1(log_p: chex.Array, log_q: chex.Array, mask: chex.Array | None = None) 
     `[...]` estimates; reduce over time for a per-sequence KL, then average.
 
   Example:
-    >>> kl_k1(log_p_BxSxT, log_q_BxSxT, mask_BxSxT).sum(-1).mean()  # sequence KL(p || q)
+    >>> p, q = jnp.array([0.5, 0.5]), jnp.array([0.25, 0.75])
+    >>> round(float(p @ kl_k1(jnp.log(p), jnp.log(q))), 4), round(float(jnp.sum(p * jnp.log(p / q))), 4)
+    (0.1438, 0.1438)
   """
   return -_log_ratio(log_p, log_q, mask)
 
@@ -51,7 +53,9 @@ def kl_k3(log_p: chex.Array, log_q: chex.Array, mask: chex.Array | None = None) 
     `[...]` non-negative estimates.
 
   Example:
-    >>> kl_k3(log_p_BxS, log_q_BxS).mean()  # KL(p || q) from per-sequence log-probs
+    >>> p, q = jnp.array([0.5, 0.5]), jnp.array([0.25, 0.75])
+    >>> round(float(p @ kl_k3(jnp.log(p), jnp.log(q))), 4), round(float(jnp.sum(p * jnp.log(p / q))), 4)
+    (0.1438, 0.1438)
   """
   log_ratio = _log_ratio(log_p, log_q, mask)
   return jnp.expm1(log_ratio) - log_ratio

@@ -1,4 +1,4 @@
-"""Reward quantiles and the exact Best-of-N distribution (BOND spec sections 2 and 3).
+"""Reward quantiles and the exact Best-of-N distribution (docs/method.md).
 
 Best-of-N draws `y_1..y_N ~ π_ref` and keeps the highest reward (ties to the lowest index). With
 `p_le(y) = P[r(y') <= r(y)]` and `p_lt(y) = P[r(y') < r(y)]` for `y' ~ π_ref`, Theorem 1 of
@@ -10,17 +10,36 @@ Everything here is a pure, jit-compatible function of arrays; `n` is a static Py
 """
 
 import math
-import numbers
 
 import chex
+import jax
 import jax.numpy as jnp
+from jax.scipy.special import gammaln
+
+from bond_jax import arguments
 
 
-def check_n(n, name: str = "n") -> int:
-  """Returns `n` if it is a Python integer >= 1, else raises a `ValueError` naming `name`."""
-  if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-    raise ValueError(f"`{name}` must be an integer >= 1, got {n!r}.")
-  return int(n)
+def _count_below(own: chex.Array, refs: chex.Array, valid: chex.Array):
+  """`(count_lt, count_le, num_valid)` of broadcast comparisons `refs < own`, `refs <= own` over the last axis."""
+  count_lt = jnp.sum(valid & (refs < own), axis=-1)
+  count_le = jnp.sum(valid & (refs <= own), axis=-1)
+  return count_lt, count_le, jnp.sum(valid, axis=-1)
+
+
+def _fractions(count_lt: chex.Array, count_le: chex.Array, num_valid: chex.Array):
+  """Counts to quantiles; `(0, 1)` where nothing was compared, so that every BOND log ratio there is 0."""
+  has_refs = num_valid > 0
+  denominator = jnp.maximum(num_valid, 1).astype(jnp.float32)
+  p_lt = jnp.where(has_refs, count_lt / denominator, 0.0)
+  p_le = jnp.where(has_refs, count_le / denominator, 1.0)
+  return p_lt, p_le
+
+
+def _validity(mask: chex.Array | None, like: chex.Array, name: str, layout: str) -> chex.Array:
+  if mask is None:
+    return jnp.ones(jnp.shape(like), dtype=bool)
+  arguments.check_shape(mask, name, jnp.shape(like), layout)
+  return jnp.asarray(mask).astype(bool)
 
 
 def reward_quantiles(
@@ -29,8 +48,8 @@ def reward_quantiles(
   """Monte Carlo reward quantiles of samples against reference samples of the same prompt.
 
   `p_lt[b, i] = mean_j 1[ref_rewards[b, j] < rewards[b, i]]` and likewise `p_le` with `<=`, the
-  mean running over the valid (unmasked) references of row `b` only. One vectorised comparison of
-  shape `[batch, samples, k]`.
+  mean running over the valid (unmasked) references of row `b` only (docs/method.md, 'Estimating the
+  quantile'). One vectorised comparison of shape `[batch, samples, k]`.
 
   A row with no valid reference carries no information about the quantile: it gets `p_lt = 0`
   and `p_le = 1`, as if every reference tied with every sample. Then the exact BoN log-ratio
@@ -44,25 +63,166 @@ def reward_quantiles(
   Returns:
     `(p_lt, p_le)`, each `[batch, samples]` float32 in `[0, 1]`, with `p_lt <= p_le`.
 
+  Raises:
+    ValueError: an argument of another shape.
+
   Example:
     >>> p_lt, p_le = reward_quantiles(jnp.array([[1., 2.]]), jnp.array([[1., 0., 3.]]))
-    >>> # p_lt = [[1/3, 2/3]], p_le = [[2/3, 2/3]]
+    >>> 3 * p_lt, 3 * p_le  # counts of the 3 references below, and below or tied
+    (Array([[1., 2.]], dtype=float32), Array([[2., 2.]], dtype=float32))
   """
-  chex.assert_rank([rewards, ref_rewards], 2)
-  chex.assert_equal_shape_prefix([rewards, ref_rewards], 1)
-  if ref_mask is None:
-    ref_mask = jnp.ones(ref_rewards.shape, dtype=bool)
-  chex.assert_equal_shape([ref_rewards, ref_mask])
-  ref_mask = ref_mask.astype(bool)[:, None, :]
-  ref, own = ref_rewards[:, None, :], rewards[:, :, None]
-  num_valid = jnp.sum(ref_mask, axis=-1).astype(jnp.float32)
-  count_lt = jnp.sum(ref_mask & (ref < own), axis=-1)
-  count_le = jnp.sum(ref_mask & (ref <= own), axis=-1)
-  has_refs = num_valid > 0
-  denominator = jnp.maximum(num_valid, 1.0)
-  p_lt = jnp.where(has_refs, count_lt / denominator, 0.0)
-  p_le = jnp.where(has_refs, count_le / denominator, 1.0)
-  return p_lt, p_le
+  arguments.check_rank(rewards, "rewards", (2,), "[batch, samples]")
+  arguments.check_rank(ref_rewards, "ref_rewards", (2,), "[batch, k]")
+  arguments.check_shape(ref_rewards, "ref_rewards", (rewards.shape[0], ref_rewards.shape[1]),
+                        "[batch, k] (batch of `rewards`)")
+  valid = _validity(ref_mask, ref_rewards, "ref_mask", "[batch, k]")
+  counts = _count_below(rewards[:, :, None], ref_rewards[:, None, :], valid[:, None, :])
+  return _fractions(*counts)
+
+
+def to_groups(values: chex.Array, group_size: int | None = None, name: str = "rewards") -> chex.Array:
+  """`[prompts, group]` view of per-sample values laid out as GRPO-style trainers hold them.
+
+  Args:
+    values: `[prompts * group]` (flat, each prompt's samples consecutive) with `group_size`, or
+      `[prompts, group]` without.
+    group_size: samples per prompt for flat `values`; None for `[prompts, group]` input.
+    name: the argument's name, for errors.
+
+  Returns:
+    `[prompts, group]` values.
+
+  Raises:
+    ValueError: `values` of another rank, or a length not divisible by `group_size`.
+
+  Example:
+    >>> to_groups(jnp.arange(6.), 3)
+    Array([[0., 1., 2.],
+           [3., 4., 5.]], dtype=float32)
+  """
+  values = jnp.asarray(values)
+  if group_size is None:
+    arguments.check_rank(values, name, (2,), "[prompts, group] (or flat, with `group_size`)")
+    return values
+  group_size = arguments.check_n(group_size, "group_size")
+  arguments.check_rank(values, name, (1,), "[prompts * group_size] (flat, with `group_size`)")
+  if values.shape[0] % group_size:
+    raise ValueError(f"`{name}` has {values.shape[0]} entries, not a multiple of `group_size` = {group_size}.")
+  return values.reshape(-1, group_size)
+
+
+def pairwise_comparisons(rewards: chex.Array, mask: chex.Array) -> tuple[chex.Array, chex.Array]:
+  """`less[p, i, j] = 1[r_pj < r_pi]` and `tied[p, i, j] = 1[r_pj == r_pi]` over valid others `j != i`.
+
+  Args:
+    rewards: `[prompts, group]` rewards.
+    mask: `[prompts, group]` boolean validity.
+
+  Returns:
+    `(less, tied)`, each `[prompts, group, group]` boolean, False on the diagonal and for invalid `i` or `j`.
+
+  Example:
+    >>> less, tied = pairwise_comparisons(jnp.array([[0., 1., 1.]]), jnp.ones((1, 3), bool))
+    >>> less.astype(int)[0], tied.astype(int)[0]
+    (Array([[0, 0, 0],
+           [1, 0, 0],
+           [1, 0, 0]], dtype=int32), Array([[0, 0, 0],
+           [0, 0, 1],
+           [0, 1, 0]], dtype=int32))
+  """
+  group = rewards.shape[-1]
+  valid = mask[:, :, None] & mask[:, None, :] & ~jnp.eye(group, dtype=bool)
+  own, others = rewards[:, :, None], rewards[:, None, :]
+  return valid & (others < own), valid & (others == own)
+
+
+def group_quantiles(
+    rewards: chex.Array, group_size: int | None = None, mask: chex.Array | None = None
+) -> tuple[chex.Array, chex.Array]:
+  """Leave-one-out reward quantiles of each sample against the other samples of its group.
+
+  For GRPO-style batches (G samples of each prompt from the rollout policy π): `p_lt` of sample i is
+  the fraction of the *other* valid samples of its group with a lower reward, `p_le` with a lower or
+  equal one, i.e. `reward_quantiles` with the rest of the group as the references. They estimate the
+  quantiles under π itself, so BOND rewards built on them target Best-of-N of the rollout policy
+  (docs/method.md, 'Iterative BOND and the moving anchor'). A sample with no valid other gets
+  `(p_lt, p_le) = (0, 1)`, as in `reward_quantiles`.
+
+  Args:
+    rewards: `[prompts * group]` with `group_size`, or `[prompts, group]`.
+    group_size: samples per prompt for flat input (see `to_groups`).
+    mask: optional boolean validity, the shape of `rewards`; invalid samples are never compared.
+
+  Returns:
+    `(p_lt, p_le)`, float32, the shape of `rewards`.
+
+  Raises:
+    ValueError: arguments of other shapes.
+
+  Example:
+    >>> p_lt, p_le = group_quantiles(jnp.array([0., 1., 1., 2., 5., 3.]), group_size=3)
+    >>> p_lt.tolist(), p_le.tolist()
+    ([0.0, 0.5, 0.5, 0.0, 1.0, 0.5], [0.0, 1.0, 1.0, 0.0, 1.0, 0.5])
+  """
+  grouped = to_groups(rewards, group_size)
+  valid = _validity(None if mask is None else to_groups(mask, group_size, "mask"), grouped, "mask",
+                    "the shape of `rewards`")
+  less, tied = pairwise_comparisons(grouped, valid)
+  count_lt = jnp.sum(less, axis=-1)
+  count_le = count_lt + jnp.sum(tied, axis=-1)
+  others = jnp.sum(valid, axis=-1, keepdims=True) - 1
+  p_lt, p_le = _fractions(count_lt, count_le, jnp.where(valid, others, 0))
+  return p_lt.reshape(jnp.shape(rewards)), p_le.reshape(jnp.shape(rewards))
+
+
+def _log_comb(total: chex.Array, chosen: chex.Array) -> chex.Array:
+  """`log C(total, chosen)`, `-inf` where `chosen` is outside `[0, total]`."""
+  total, chosen = jnp.asarray(total, jnp.float32), jnp.asarray(chosen, jnp.float32)
+  inside = (chosen >= 0) & (chosen <= total)
+  safe = jnp.where(inside, chosen, 0.0)
+  value = gammaln(total + 1) - gammaln(safe + 1) - gammaln(total - safe + 1)
+  return jnp.where(inside, value, -jnp.inf)
+
+
+def bon_density_ratio_estimate(
+    count_lt: chex.Array, count_le: chex.Array, num_refs: chex.Array, n: int
+) -> chex.Array:
+  """Unbiased estimate of `π_BoN(y) / π_ref(y) = (p_le^n - p_lt^n) / (p_le - p_lt)` from k reference samples.
+
+  `(p_le^n - p_lt^n) / (p_le - p_lt) = E[1[no z_j beats y] · n / (1 + #{j: z_j ties y})]` over `n - 1`
+  i.i.d. `z_j ~ π_ref` (y inserted at a uniformly random place among them wins the first-index
+  tie-break with probability `1 / (1 + ties)`). Averaging that over every `(n-1)`-subset of the k
+  references (a U-statistic) gives, with `a = count_lt` references below y and `t = count_le - count_lt`
+  tied with it,
+
+      Σ_{s=0}^{n-1} C(t, s) C(a, n-1-s) / C(k, n-1) · n / (s + 1),
+
+  exactly unbiased for any `k >= n - 1`. It is the importance weight that turns samples of π_ref
+  into an unbiased forward-KL (Best-of-N NLL) gradient: `E_{π_ref}[w · ∇log π] = E_{π_BoN}[∇log π]`.
+  For `n = 2` it is `p̂_lt + p̂_le`.
+
+  Args:
+    count_lt: `[...]` number of references with a strictly lower reward.
+    count_le: `[...]` number with a lower or equal reward.
+    num_refs: `[...]` (or scalar) number of valid references k; entries with `k < n - 1` give NaN.
+    n: the N of Best-of-N, a Python integer >= 1.
+
+  Returns:
+    `[...]` float32 non-negative estimates with mean exactly the density ratio (and `1` for `n = 1`).
+
+  Example:
+    >>> # 3 references: one below y, one tied, one above. n = 2: p̂_lt + p̂_le = 1/3 + 2/3.
+    >>> round(float(bon_density_ratio_estimate(1, 2, 3, n=2)), 4)
+    1.0
+  """
+  n = arguments.check_n(n)
+  count_lt, count_le, num_refs = (jnp.asarray(x, jnp.float32) for x in (count_lt, count_le, num_refs))
+  ties = count_le - count_lt
+  s = jnp.arange(n, dtype=jnp.float32)
+  expand = lambda x: jnp.asarray(x)[..., None]
+  log_terms = (_log_comb(expand(ties), s) + _log_comb(expand(count_lt), n - 1 - s) + jnp.log(n / (s + 1)))
+  estimate = jnp.sum(jnp.exp(log_terms), axis=-1) / jnp.exp(_log_comb(num_refs, n - 1))
+  return jnp.where(num_refs >= n - 1, estimate, jnp.nan)
 
 
 def bon_log_density_ratio(p_lt: chex.Array, p_le: chex.Array, n: int) -> chex.Array:
@@ -73,7 +233,7 @@ def bon_log_density_ratio(p_lt: chex.Array, p_le: chex.Array, n: int) -> chex.Ar
   log(-expm1(log q))`: accurate for any gap, exactly `0` at `p_lt = 0` and, at `p_lt = p_le`
   (no reference ties, e.g. a Monte Carlo estimate), the limit `log n`, giving
   `log n + (n-1) log p_le`. `p_le = 0` gives `-inf` (for `n >= 2`). This is also the exact
-  tie-aware BOND reward of the backward KL (spec section 3).
+  tie-aware BOND reward of the backward KL (docs/method.md, 'The BOND objective').
 
   Args:
     p_lt: `[...]` quantiles `P[r(y') < r(y)]`, in `[0, 1]`.
@@ -81,14 +241,17 @@ def bon_log_density_ratio(p_lt: chex.Array, p_le: chex.Array, n: int) -> chex.Ar
     n: the N of Best-of-N, a Python integer >= 1.
 
   Returns:
-    `[...]` log density ratios, `0` everywhere for `n = 1`.
+    `[...]` float32 log density ratios, `0` everywhere for `n = 1`.
+
+  Raises:
+    ValueError: a bad `n` or shapes that differ.
 
   Example:
-    >>> bon_log_density_ratio(jnp.array([0.0, 0.5]), jnp.array([0.5, 0.5]), n=2)
-    >>> # [log 0.5, log(2 * 0.5)] = [-0.693, 0.0]
+    >>> bon_log_density_ratio(jnp.array([0.0, 0.5]), jnp.array([0.5, 0.5]), n=2)  # [log 0.5, log(2 · 0.5)]
+    Array([-0.6931472,  0.       ], dtype=float32)
   """
-  n = check_n(n)
-  chex.assert_equal_shape([p_lt, p_le])
+  n = arguments.check_n(n)
+  arguments.check_shape(p_le, "p_le", jnp.shape(p_lt), "the shape of `p_lt`")
   p_lt, p_le = jnp.asarray(p_lt, jnp.float32), jnp.asarray(p_le, jnp.float32)
   if n == 1:
     return jnp.zeros_like(p_le)
@@ -105,19 +268,20 @@ def bon_log_density_ratio(p_lt: chex.Array, p_le: chex.Array, n: int) -> chex.Ar
 def bon_log_density_ratio_no_ties(p_le: chex.Array, n: int) -> chex.Array:
   """No-tie approximation `log n + (n-1) log p_le` of `log(π_BoN(y) / π_ref(y))`.
 
-  Exact when ties with `y` have no mass; the paper (arXiv 2407.14622) uses it in practice.
+  Exact when ties with `y` have no mass; the paper (Sessa et al., arXiv 2407.14622) uses it in practice.
 
   Args:
     p_le: `[...]` quantiles `P[r(y') <= r(y)]`.
     n: the N of Best-of-N, a Python integer >= 1.
 
   Returns:
-    `[...]` approximate log density ratios (`0` for `n = 1`, `-inf` where `p_le = 0`, `n >= 2`).
+    `[...]` float32 approximate log density ratios (`0` for `n = 1`, `-inf` where `p_le = 0`, `n >= 2`).
 
   Example:
     >>> bon_log_density_ratio_no_ties(jnp.array([0.5, 1.0]), n=4)  # log 4 + 3 log p_le
+    Array([-0.6931472,  1.3862944], dtype=float32)
   """
-  n = check_n(n)
+  n = arguments.check_n(n)
   p_le = jnp.asarray(p_le, jnp.float32)
   if n == 1:
     return jnp.zeros_like(p_le)
@@ -137,17 +301,19 @@ def bon_log_prob(
     n: the N of Best-of-N, a Python integer >= 1.
 
   Returns:
-    `[...]` Best-of-N log-probabilities.
+    `[...]` float32 Best-of-N log-probabilities.
 
   Example:
     >>> # Two equally likely outcomes with rewards 0 < 1: BoN_2 = [1/4, 3/4].
-    >>> bon_log_prob(jnp.log(jnp.array([.5, .5])), jnp.array([0., .5]), jnp.array([.5, 1.]), 2)
+    >>> log_bon = bon_log_prob(jnp.log(jnp.array([.5, .5])), jnp.array([0., .5]), jnp.array([.5, 1.]), 2)
+    >>> jnp.exp(log_bon)
+    Array([0.25, 0.75], dtype=float32)
   """
   if p_lt is None:
     log_ratio = bon_log_density_ratio_no_ties(p_le, n)
   else:
     log_ratio = bon_log_density_ratio(p_lt, p_le, n)
-  chex.assert_equal_shape([ref_log_prob, log_ratio])
+  arguments.check_shape(ref_log_prob, "ref_log_prob", log_ratio.shape, "the shape of `p_le`")
   return ref_log_prob + log_ratio
 
 
@@ -155,9 +321,10 @@ def bon_kl_upper_bound(n: int) -> float:
   """`log n - (n-1)/n`: `KL(π_BoN || π_ref)` without ties, a strict upper bound with ties.
 
   Example:
-    >>> bon_kl_upper_bound(4)  # log 4 - 3/4 = 0.636
+    >>> round(bon_kl_upper_bound(4), 4)  # log 4 - 3/4
+    0.6363
   """
-  n = check_n(n)
+  n = arguments.check_n(n)
   return math.log(n) - (n - 1) / n
 
 
@@ -167,31 +334,75 @@ def bon_expected_quantile(n: int) -> float:
   With ties, `E[p_lt(Y)] < n/(n+1) < E[p_le(Y)]` for `Y ~ π_BoN`.
 
   Example:
-    >>> bon_expected_quantile(4)  # 0.8
+    >>> bon_expected_quantile(4)
+    0.8
   """
-  n = check_n(n)
+  n = arguments.check_n(n)
   return n / (n + 1)
 
 
 def best_of_n(rewards: chex.Array, mask: chex.Array | None = None) -> chex.Array:
-  """Index of the best sample per row; ties go to the lowest index; masked samples never win.
+  """Index of the best sample along the last axis; ties go to the lowest index; masked samples never win.
 
   Args:
-    rewards: `[batch, samples]` rewards; NaN is treated as masked.
-    mask: optional `[batch, samples]` boolean; False marks padding.
+    rewards: `[..., samples]` rewards (e.g. `[batch, samples]`, or `[batch, groups, n]` for the Best-of-n
+      of each of several disjoint groups); NaN is treated as masked.
+    mask: optional boolean of the shape of `rewards`; False marks padding.
 
   Returns:
-    `[batch]` int32 indices; `0` for a row with no valid sample.
+    `[...]` int32 indices into the samples axis; `0` where no sample is valid.
+
+  Raises:
+    ValueError: a scalar `rewards` or a `mask` of another shape.
 
   Example:
-    >>> best_of_n(jnp.array([[1., 3., 3.]]))  # [1]
+    >>> best_of_n(jnp.array([[1., 3., 3.], [2., 0., 1.]]))
+    Array([1, 0], dtype=int32)
+    >>> best_of_n(jnp.array([1., 3., 2., 0.]).reshape(2, 2))  # Best-of-2 of two groups
+    Array([1, 0], dtype=int32)
   """
-  chex.assert_rank(rewards, 2)
-  if mask is None:
-    mask = jnp.ones(rewards.shape, dtype=bool)
-  chex.assert_equal_shape([rewards, mask])
-  mask = mask.astype(bool) & ~jnp.isnan(rewards)
+  rewards = jnp.asarray(rewards)
+  if rewards.ndim == 0:
+    raise ValueError("`rewards` must have shape [..., samples], got a scalar.")
+  mask = _validity(mask, rewards, "mask", f"the shape of `rewards` {rewards.shape}")
+  mask = mask & ~jnp.isnan(rewards)
   best = jnp.max(jnp.where(mask, rewards, -jnp.inf), axis=-1, keepdims=True)
   # argmax of a boolean array returns its first True, i.e. the lowest winning index; comparing
   # against the best valid reward keeps masked samples out even when every reward is -inf.
   return jnp.argmax(mask & (rewards == best), axis=-1).astype(jnp.int32)
+
+
+def take_samples(samples: chex.ArrayTree, index: chex.Array) -> chex.ArrayTree:
+  """Picks samples by index from every leaf of a pytree: `leaf[..., index[...], ...]` on the samples axis.
+
+  The samples axis of each leaf is axis `index.ndim`: leaves are `[*index.shape, samples, ...]` (e.g.
+  tokens `[batch, samples, time]` with `index` `[batch]`). Use it with `best_of_n` to gather the winners.
+
+  Args:
+    samples: pytree of arrays `[*index.shape, samples, ...]`.
+    index: int array of sample indices, e.g. `best_of_n(rewards)`.
+
+  Returns:
+    The pytree with the samples axis taken away: leaves `[*index.shape, ...]`.
+
+  Raises:
+    ValueError: a leaf whose leading axes are not `index.shape`.
+
+  Example:
+    >>> rewards = jnp.array([[1., 3., 2.], [0., 0., 5.]])
+    >>> tokens = jnp.arange(12).reshape(2, 3, 2)  # [batch, samples, time]
+    >>> take_samples({"tokens": tokens, "rewards": rewards}, best_of_n(rewards))["tokens"]
+    Array([[ 2,  3],
+           [10, 11]], dtype=int32)
+  """
+  index = jnp.asarray(index)
+  axis = index.ndim
+
+  def take(leaf):
+    if leaf.ndim <= axis or leaf.shape[:axis] != index.shape:
+      raise ValueError(f"every leaf of `samples` must have shape {index.shape} + (samples, ...) for `index` of "
+                       f"shape {index.shape}, got {leaf.shape}.")
+    picked = jnp.take_along_axis(leaf, index.reshape(index.shape + (1,) * (leaf.ndim - axis)), axis=axis)
+    return jnp.squeeze(picked, axis)
+
+  return jax.tree.map(take, samples)

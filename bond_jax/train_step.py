@@ -96,16 +96,14 @@ def _concat_samples(a: sampling.SampleOutput, b: sampling.SampleOutput) -> sampl
   return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=1), a, b)
 
 
-def _take_samples(out: sampling.SampleOutput, index: jax.Array) -> sampling.SampleOutput:
-  """Samples `index[b, g]` of each row b: a samples axis of size `groups`, from `index` `[batch, groups]`."""
-  return jax.tree.map(lambda x: jnp.take_along_axis(x, index[..., None], axis=1), out)
-
-
-def _best_of_groups(rewards: jax.Array, n: int) -> jax.Array:
-  """Index of the Best-of-n sample of each disjoint group of n samples: `[batch, k]` -> `[batch, k // n]`."""
+def _best_of_groups(samples: sampling.SampleOutput, rewards: jax.Array, n: int,
+                    ) -> tuple[sampling.SampleOutput, jax.Array]:
+  """The Best-of-n sample of each disjoint group of n samples, and its reward: `[batch, k, ...]` -> `[batch, k // n,
+  ...]` (the last `k % n` samples, if any, belong to no group)."""
   groups = rewards.shape[1] // n
-  best = quantiles.best_of_n(rewards[:, :groups * n].reshape(-1, n)).reshape(-1, groups)
-  return best + n * jnp.arange(groups)
+  grouped = lambda x: x[:, :groups * n].reshape(x.shape[0], groups, n, *x.shape[2:])  # noqa: E731
+  samples, rewards = jax.tree.map(grouped, samples), grouped(rewards)
+  return quantiles.take_samples((samples, rewards), quantiles.best_of_n(rewards))
 
 
 def _nonfinite_reward_metrics(rewards: Rewards) -> Metrics:
@@ -192,12 +190,10 @@ class TrainStep:
       ref_log_probs = jax.lax.cond(with_reference, reference, lambda: nan)
     if samples.anchor is None:
       return Estimates(None, None, None, None, None, ref_log_probs)
-    best_index = _best_of_groups(rewards.anchor, algorithm.target_n())
+    best, best_rewards = _best_of_groups(samples.anchor, rewards.anchor, algorithm.target_n())
     p_lt, p_le = quantiles.reward_quantiles(rewards.policy, rewards.anchor)
     return Estimates(
-        best=_take_samples(samples.anchor, best_index),
-        best_rewards=jnp.take_along_axis(rewards.anchor, best_index, axis=1),
-        p_lt=p_lt, p_le=p_le,
+        best=best, best_rewards=best_rewards, p_lt=p_lt, p_le=p_le,
         anchor_log_probs=self.log_probs(state.anchor_params, batch, samples.policy),
         ref_log_probs=ref_log_probs)
 

@@ -106,7 +106,7 @@ def test_backward_kl_log_quantile_gradient_in_no_tie_limit():
       surrogate = jax.vmap(
           lambda lp, lr, lt, le: losses.backward_kl_loss(
               lp[None, None], lr[None, None], lt[None, None], le[None, None], n,
-              floor=0.0, reward_form=reward_form,
+              floor=0.0, reward_form=reward_form, baseline="none",
           )[0]
       )(log_pi, log_ref, p_lt, p_le)
       return jnp.sum(jax.lax.stop_gradient(jnp.exp(log_pi)) * surrogate)
@@ -181,7 +181,7 @@ def expected_jbond_reward(anchor_probs, rewards, reward_form, penalty, ties_lose
 
 @pytest.mark.parametrize(
     "reward_form, ties_lose",
-    [("log_quantile", False), ("log_quantile", True), ("tie_aware", False)],
+    [("penalty", False), ("penalty", True), ("tie_aware", False)],
     ids=["paper_strict", "paper_ties_lose", "tie_aware"],
 )
 def test_jbond_loss_gradient_is_exact(reward_form, ties_lose):
@@ -335,9 +335,10 @@ def test_backward_kl_loss_with_floor_and_one_sample():
   assert floor == 1 / 16
   for reward_form, ratio in [("log_quantile", math.log(4) + 3 * math.log(floor)),
                              ("tie_aware", 3 * math.log(floor))]:
-    (value, metrics), grad = jax.value_and_grad(losses.backward_kl_loss, has_aux=True)(
-        log_pi, log_ref, p_lt, p_le, 4, floor=floor, reward_form=reward_form
-    )
+    with pytest.warns(losses.BaselineWarning, match="1 sample per prompt"):
+      (value, metrics), grad = jax.value_and_grad(losses.backward_kl_loss, has_aux=True)(
+          log_pi, log_ref, p_lt, p_le, 4, floor=floor, reward_form=reward_form
+      )
     np.testing.assert_allclose(metrics["bond_reward"], ratio, rtol=1e-6)
     np.testing.assert_allclose(value, 0.5 - ratio, rtol=1e-6)
     np.testing.assert_allclose(grad, np.full((2, 1), (0.5 - ratio) / 2), rtol=1e-6)
@@ -448,21 +449,42 @@ def test_invalid_arguments_are_rejected(call, match):
     call()
 
 
-def test_shape_mismatches_are_rejected():
-  x = jnp.zeros((2, 3))
-  with pytest.raises(AssertionError):
-    losses.backward_kl_loss(x, x, x, jnp.zeros((2, 4)), 2, floor=0.0)
-  with pytest.raises(AssertionError):
-    losses.reinforce_loss(x, x, jnp.zeros((3, 2)), kl_coef=0.1)
-  with pytest.raises(AssertionError):
-    losses.sequence_log_probs(jnp.zeros((2, 3, 5)), jnp.zeros((2, 4), jnp.int32))
-  with pytest.raises(AssertionError):
-    kl.kl_k1(x, jnp.zeros(3))
+X, X_TOKENS, TOKEN_MASK = jnp.zeros((2, 3)), jnp.zeros((2, 3, 7)), jnp.ones((2, 3, 7), bool)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "reward_form", "floor"))
-def backward_value_and_grad(log_pi, log_ref, rewards, ref_rewards, ref_mask, mask, *, n,
-                            reward_form, floor):
+@pytest.mark.parametrize("call,match", [
+    (lambda: losses.backward_kl_loss(X, X, X, jnp.zeros((2, 4)), 2, floor=0.0),
+     r"`p_le` must have shape \[batch, samples\] = \(2, 3\), got \(2, 4\)"),
+    (lambda: losses.backward_kl_loss(X_TOKENS, X, X, X, 2, floor=0.0),
+     r"`policy_log_probs` must have shape \[batch, samples\] \(per-token .* need `token_mask`\), got \(2, 3, 7\)"),
+    (lambda: losses.backward_kl_loss(X_TOKENS, jnp.zeros((2, 3, 6)), X, X, 2, floor=0.0, token_mask=TOKEN_MASK),
+     r"`ref_log_probs` must have shape \[batch, samples\] = \(2, 3\) or per-token \(2, 3, 7\)"),
+    (lambda: losses.backward_kl_loss(X, X, X, X, 2), "`floor` is required"),
+    (lambda: losses.backward_kl_loss(X, X, X, X, 2, floor=0.0, bon_log_ratio=X), "not both"),
+    (lambda: losses.backward_kl_loss(X, X, X), "pass the quantiles"),
+    (lambda: losses.reinforce_loss(X, X, jnp.zeros((3, 2)), kl_coef=0.1), "`rewards` must have shape"),
+    (lambda: losses.jbond_loss(X, X, X, jnp.zeros((3, 2)), X), r"`anchor_rewards` must have shape \[batch, k\]"),
+    (lambda: losses.jbond_loss(X, X, X, jnp.zeros((2, 2)), X, reward=X), "not both"),
+    (lambda: losses.jbond_loss(X, X, X, jnp.zeros((2, 2))), "`bon_policy_log_probs` .* is required"),
+    (lambda: losses.jbond_loss(X, X, X, jnp.zeros((2, 2)), X, mask=jnp.ones((2, 2), bool)),
+     "`mask` must have shape"),
+    (lambda: losses.forward_kl_loss(X_TOKENS), r"`bon_policy_log_probs` must have shape \[batch\] or"),
+    (lambda: losses.sequence_log_probs(jnp.zeros((2, 3, 5)), jnp.zeros((2, 4), jnp.int32)),
+     "`logits` must have"),
+    (lambda: losses.score_function_loss(X, jnp.zeros((2, 2))), "`policy_log_probs` must have shape"),
+])
+def test_shape_errors_name_the_argument_and_the_shape(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+def test_kl_estimators_reject_mismatched_shapes():
+  with pytest.raises(AssertionError):
+    kl.kl_k1(X, jnp.zeros(3))
+
+
+@functools.partial(jax.jit, static_argnames=("n", "reward_form"))
+def backward_value_and_grad(log_pi, log_ref, rewards, ref_rewards, ref_mask, mask, floor, *, n, reward_form):
   p_lt, p_le = bond_jax.reward_quantiles(rewards, ref_rewards, ref_mask)
   return jax.value_and_grad(losses.backward_kl_loss, has_aux=True)(
       log_pi, log_ref, p_lt, p_le, n, floor=floor, reward_form=reward_form, mask=mask
@@ -485,8 +507,8 @@ def test_backward_kl_loss_stays_finite_with_monte_carlo_quantiles(data, n, rewar
   log_pi = data.draw(hnp.arrays(np.float32, (2, 3), elements=st.floats(-20, 0, width=32)))
   log_pi[~mask] = -np.inf
   (loss, metrics), grad = backward_value_and_grad(
-      log_pi, np.zeros((2, 3), np.float32), rewards, ref_rewards, ref_mask, mask,
-      n=n, reward_form=reward_form, floor=losses.quantile_floor(4),
+      log_pi, np.zeros((2, 3), np.float32), rewards, ref_rewards, ref_mask, mask, losses.quantile_floor(4),
+      n=n, reward_form=reward_form,
   )
   assert np.isfinite(loss) and all(np.isfinite(v) for v in metrics.values())
   assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[~mask] == 0)
@@ -494,3 +516,112 @@ def test_backward_kl_loss_stays_finite_with_monte_carlo_quantiles(data, n, rewar
   if mask.any():
     np.testing.assert_allclose(loss, np.mean(log_pi[mask]) - metrics["bond_reward"], rtol=1e-4,
                                atol=1e-3)
+
+
+def per_token_case(seed=0, batch=2, samples=3, time=4):
+  """Per-token log-probs whose masked positions hold -inf, their token mask, and the per-sequence sums."""
+  rng = np.random.default_rng(seed)
+  token_mask = rng.random((batch, samples, time)) < 0.7
+  per_token = [np.where(token_mask, -rng.uniform(0.1, 2, (batch, samples, time)), -np.inf).astype(np.float32)
+               for _ in range(2)]
+  per_sequence = [np.where(token_mask, x, 0).sum(-1) for x in per_token]
+  return [jnp.asarray(x) for x in per_token], [jnp.asarray(x) for x in per_sequence], jnp.asarray(token_mask)
+
+
+def test_per_token_inputs_equal_per_sequence_ones():
+  """Every loss sums per-token log-probs over the token mask itself: same value, same gradient."""
+  (pi_t, ref_t), (pi_s, ref_s), token_mask = per_token_case()
+  rng = np.random.default_rng(1)
+  rewards, anchor_rewards = jnp.asarray(rng.integers(0, 3, (2, 3)), jnp.float32), jnp.asarray(
+      rng.integers(0, 3, (2, 2)), jnp.float32)
+  p_lt, p_le = bond_jax.reward_quantiles(rewards, anchor_rewards)
+  calls = {
+      "backward": lambda pi, ref, tm: losses.backward_kl_loss(pi, ref, p_lt, p_le, 4, floor=0.25, token_mask=tm)[0],
+      "reinforce": lambda pi, ref, tm: losses.reinforce_loss(pi, ref, rewards, kl_coef=0.3, token_mask=tm)[0],
+      "jbond": lambda pi, ref, tm: losses.jbond_loss(
+          pi, ref, rewards, anchor_rewards, pi[:, :1], gamma=0.2, token_mask=tm,
+          bon_token_mask=None if tm is None else tm[:, :1])[0],
+      "forward": lambda pi, ref, tm: losses.forward_kl_loss(pi, token_mask=tm)[0],
+      "score_function": lambda pi, ref, tm: losses.score_function_loss(pi, rewards, token_mask=tm),
+  }
+  for name, call in calls.items():
+    seq_value, seq_grad = jax.value_and_grad(call)(pi_s, ref_s, None)
+    tok_value, tok_grad = jax.value_and_grad(call)(pi_t, ref_t, token_mask)
+    np.testing.assert_allclose(tok_value, seq_value, rtol=1e-6, err_msg=name)
+    # d loss / d log p(token) is the sequence's gradient on valid tokens and 0 on masked ones.
+    expected = np.where(token_mask, np.asarray(seq_grad)[..., None], 0.0)
+    np.testing.assert_allclose(tok_grad, expected, rtol=1e-6, atol=1e-7, err_msg=name)
+  # A per-sequence reference beside per-token policy log-probs is accepted too.
+  mixed = losses.backward_kl_loss(pi_t, ref_s, p_lt, p_le, 4, floor=0.25, token_mask=token_mask)[0]
+  np.testing.assert_allclose(mixed, calls["backward"](pi_s, ref_s, None), rtol=1e-6)
+
+
+def test_token_log_probs_sum_to_sequence_log_probs():
+  rng = np.random.default_rng(2)
+  logits, tokens = jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32), jnp.asarray(rng.integers(0, 5, (2, 3)))
+  mask = jnp.array([[True, True, False], [True, False, False]])
+  expected = np.log(np.exp(np.asarray(logits)) / np.exp(np.asarray(logits)).sum(-1, keepdims=True))
+  expected = np.take_along_axis(expected, np.asarray(tokens)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(losses.token_log_probs(logits, tokens), expected, rtol=1e-5)
+  np.testing.assert_allclose(losses.sequence_log_probs(logits, tokens, mask), (expected * mask).sum(-1), rtol=1e-5)
+
+
+@jax.jit
+def jbond_with_traced_hyperparameters(log_pi, log_anchor, rewards, anchor_rewards, bon, beta, gamma, penalty):
+  return jax.value_and_grad(lambda lp: losses.jbond_loss(
+      lp, log_anchor, rewards, anchor_rewards, bon, beta=beta, gamma=gamma, penalty=penalty)[0])(log_pi)
+
+
+def test_hyperparameters_can_be_traced():
+  """beta, gamma, penalty, floor and kl_coef inside jit give what their Python values give outside it."""
+  rng = np.random.default_rng(3)
+  log_pi, log_anchor = (jnp.asarray(-rng.uniform(1, 3, (4, 1)), jnp.float32) for _ in range(2))
+  rewards, anchor_rewards = jnp.asarray(rng.normal(size=(4, 1))), jnp.asarray(rng.normal(size=(4, 2)))
+  bon = jnp.asarray(-rng.uniform(1, 3, 4), jnp.float32)
+  traced = jbond_with_traced_hyperparameters(log_pi, log_anchor, rewards, anchor_rewards, bon, 0.3, 0.2, 1.5)
+  eager = jax.value_and_grad(lambda lp: losses.jbond_loss(
+      lp, log_anchor, rewards, anchor_rewards, bon, beta=0.3, gamma=0.2, penalty=1.5)[0])(log_pi)
+  for got, expected in zip(traced, eager):
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+  reinforce = jax.jit(lambda c: losses.reinforce_loss(log_pi.T, log_anchor.T, rewards.T, kl_coef=c)[0])
+  np.testing.assert_allclose(reinforce(0.5), losses.reinforce_loss(log_pi.T, log_anchor.T, rewards.T,
+                                                                   kl_coef=0.5)[0], rtol=1e-6)
+
+
+def test_precomputed_rewards_and_log_ratios_equal_computed_ones():
+  rng = np.random.default_rng(4)
+  log_pi, log_ref = (jnp.asarray(-rng.uniform(1, 3, (3, 2)), jnp.float32) for _ in range(2))
+  rewards, anchor_rewards = jnp.asarray(rng.integers(0, 3, (3, 2)), jnp.float32), jnp.asarray(
+      rng.integers(0, 3, (3, 2)), jnp.float32)
+  p_lt, p_le = bond_jax.reward_quantiles(rewards, anchor_rewards)
+  ratio = losses.bond_log_ratio(p_lt, p_le, 4, floor=0.25)
+  from_quantiles = jax.value_and_grad(lambda lp: losses.backward_kl_loss(lp, log_ref, p_lt, p_le, 4, floor=0.25)[0])
+  from_ratio = jax.value_and_grad(lambda lp: losses.backward_kl_loss(lp, log_ref, bon_log_ratio=ratio)[0])
+  for got, expected in zip(from_ratio(log_pi), from_quantiles(log_pi)):
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+  reward = losses.jbond_tie_aware_reward(rewards, anchor_rewards)
+  bon = log_pi[:, 0]
+  computed = losses.jbond_loss(log_pi, log_ref, rewards, anchor_rewards, bon, reward_form="tie_aware")
+  precomputed = losses.jbond_loss(log_pi, log_ref, bon_policy_log_probs=bon, reward=reward)
+  np.testing.assert_allclose(precomputed[0], computed[0], rtol=1e-6)
+  np.testing.assert_allclose(precomputed[1]["reward"], computed[1]["reward"], rtol=1e-6)
+
+
+def test_jbond_masks_and_baselines():
+  """An absent anchor sample never counts, an absent policy sample never moves the loss."""
+  policy, anchors = jnp.array([[0.0], [0.0]]), jnp.array([[1.0, -1.0], [1.0, 1.0]])
+  anchor_mask = jnp.array([[True, False], [False, False]])
+  np.testing.assert_allclose(losses.jbond_reward(policy, anchors, anchor_mask=anchor_mask)[:, 0],
+                             [-math.log(16), 0.0], rtol=1e-6)
+  log_pi, log_anchor = jnp.array([[-1.0, -2.0]]), jnp.array([[-1.5, -1.0]])
+  rewards, anchor_rewards, bon = jnp.array([[0.0, 3.0]]), jnp.array([[1.0, 2.0]]), jnp.array([-0.5])
+  mask = jnp.array([[True, False]])
+  grad = jax.grad(lambda lp: losses.jbond_loss(lp, log_anchor, rewards, anchor_rewards, bon, mask=mask,
+                                               baseline="samples")[0])(log_pi)
+  # The one valid sample: backward weight 0.5 times its cost 0.5 + log 16; no other sample, no baseline.
+  np.testing.assert_allclose(grad, [[0.5 * (0.5 + math.log(16)), 0.0]], rtol=1e-6)
+
+
+def test_one_sample_per_prompt_warns_about_the_missing_baseline():
+  with pytest.warns(losses.BaselineWarning, match="baseline='batch'"):
+    losses.score_function_loss(jnp.zeros((3, 1)), jnp.ones((3, 1)))

@@ -54,7 +54,7 @@ def loss_of(name, log_pi, log_anchor, log_pi_best, policy_rewards, anchor_reward
   if name.startswith("jbond"):
     return losses.jbond_loss(log_pi[:, :1], log_anchor[:, :1], policy_rewards[:, :1], anchor_rewards[:, :2],
                              log_pi_best, beta=BETA, reward_form=name.removeprefix("jbond_").replace(
-                                 "paper", "log_quantile"))[0]
+                                 "paper", "penalty"))[0]
   if name.startswith("bond"):
     p_lt, p_le = quantiles.reward_quantiles(policy_rewards, anchor_rewards)
     backward = losses.backward_kl_loss(log_pi, log_anchor, p_lt, p_le, N, floor=FLOOR,

@@ -221,12 +221,28 @@ def test_invalid_n_is_rejected(n):
       call()
 
 
-def test_shape_mismatches_are_rejected():
-  with pytest.raises(AssertionError):
-    quantiles.reward_quantiles(jnp.zeros((2, 3)), jnp.zeros((3, 4)))
-  with pytest.raises(AssertionError):
-    quantiles.reward_quantiles(jnp.zeros((2, 3)), jnp.zeros((2, 4)), jnp.ones((2, 3), bool))
-  with pytest.raises(AssertionError):
-    quantiles.bon_log_density_ratio(jnp.zeros(3), jnp.zeros(4), 2)
-  with pytest.raises(AssertionError):
-    quantiles.best_of_n(jnp.zeros((2, 3)), jnp.ones((2, 4), bool))
+@pytest.mark.parametrize("call,match", [
+    (lambda: quantiles.reward_quantiles(jnp.zeros((2, 3)), jnp.zeros((3, 4))), r"`ref_rewards` must have shape"),
+    (lambda: quantiles.reward_quantiles(jnp.zeros((2, 3, 1)), jnp.zeros((2, 4))), r"`rewards` must have shape"),
+    (lambda: quantiles.reward_quantiles(jnp.zeros((2, 3)), jnp.zeros((2, 4)), jnp.ones((2, 3), bool)),
+     r"`ref_mask` must have shape \[batch, k\] = \(2, 4\), got \(2, 3\)"),
+    (lambda: quantiles.bon_log_density_ratio(jnp.zeros(3), jnp.zeros(4), 2), "`p_le` must have shape"),
+    (lambda: quantiles.best_of_n(jnp.zeros((2, 3)), jnp.ones((2, 4), bool)), "`mask` must have shape"),
+    (lambda: quantiles.take_samples(jnp.zeros((2, 3)), jnp.zeros(3, jnp.int32)), "every leaf of `samples`"),
+])
+def test_shape_mismatches_are_rejected(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+def test_best_of_n_of_disjoint_groups_and_take_samples():
+  """Best-of-2 of each disjoint pair of 4 samples, and the winners' tokens, against a loop."""
+  rng = np.random.default_rng(0)
+  rewards = rng.integers(0, 3, (3, 4)).astype(np.float32)
+  tokens = rng.integers(0, 50, (3, 4, 5))
+  best = np.asarray(quantiles.best_of_n(rewards.reshape(3, 2, 2)))
+  winners = quantiles.take_samples(tokens.reshape(3, 2, 2, 5), best)
+  for b, g in np.ndindex(3, 2):
+    pair = rewards[b, 2 * g:2 * g + 2]
+    assert best[b, g] == int(pair[1] > pair[0])
+    np.testing.assert_array_equal(winners[b, g], tokens[b, 2 * g + best[b, g]])
