@@ -1,9 +1,20 @@
 """Builds what a run config names: the reference policy, its tokenizer, the reward and the prompt iterators.
 
 Example:
+  >>> import tempfile
+  >>> from bond_jax import run_config
+  >>> config = run_config.base_config()   # the shipped policy and sentiment reward
+  >>> config.data.source, config.data.prompts, config.batch_size = "inline", ("The plot was", "The room"), 2
   >>> ref_params, model_config, tokenizer = load_policy(config)
   >>> reward_fn = load_reward(config, tokenizer)
-  >>> train_prompts, eval_prompts = load_prompts(config, tokenizer, model_config, workdir)
+  >>> train_prompts, eval_prompts = load_prompts(config, tokenizer, model_config, tempfile.mkdtemp())
+  >>> batch = next(eval_prompts)
+  >>> batch["text"]
+  ['The plot was', 'The room']
+  >>> generations = jnp.asarray(tokenizer.tokenizer([" great.", " dirty."], add_special_tokens=False)["input_ids"])
+  >>> reward_fn(batch["prompts"], batch["prompt_mask"], generations[:, None], jnp.ones((2, 1, 2), bool)) > 0
+  Array([[ True],
+         [False]], dtype=bool)
 """
 
 import dataclasses
@@ -18,6 +29,7 @@ from bond_jax import rewards
 from bond_jax import run_config
 from bond_jax.data import id_tokenizer
 from bond_jax.data import prompt_batches
+from bond_jax.data import prompt_encoding
 from bond_jax.data import prompt_sources
 from bond_jax.models import hf
 from bond_jax.models import transformer
@@ -29,14 +41,18 @@ DEFAULT_POLICY_DIR = os.path.join(default_assets.ASSETS_DIR, "policy")
 
 
 def load_policy(config: ml_collections.ConfigDict):
-  """(reference params, model config, tokenizer) of `config.policy`; the policy starts as the reference."""
+  """(reference params, model config, tokenizer) of `config.policy`; the policy starts as the reference.
+
+  The tokenizer is a `prompt_encoding.PromptTokenizer`: the policy's tokenizer with `config.policy.pad_token` as
+  its pad token if set, rendering prompts with its chat template if `config.data.chat_template`.
+  """
   policy = config.policy
   if policy.source == "init":
     model_config = ModelConfig(**policy.model.to_dict(), dtype=policy.dtype)
     params = transformer.init_params(model_config, jax.random.PRNGKey(config.seed))
     tokenizer = (hf.load_tokenizer(policy.tokenizer_path) if policy.tokenizer_path
                  else id_tokenizer.IdTokenizer(model_config.vocab_size))
-    return params, model_config, tokenizer
+    return params, model_config, _prompt_tokenizer(config, tokenizer)
   path = DEFAULT_POLICY_DIR if policy.source == "default" else policy.path
   if not os.path.isdir(path):
     raise FileNotFoundError(
@@ -55,12 +71,24 @@ def load_policy(config: ml_collections.ConfigDict):
     tokenizer = default_assets.load_tokenizer()
   else:
     tokenizer = hf.load_tokenizer(path)
-  return params, model_config, tokenizer
+  return params, model_config, _prompt_tokenizer(config, tokenizer)
+
+
+def _prompt_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> prompt_encoding.PromptTokenizer:
+  if config.policy.pad_token:
+    tokenizer = prompt_encoding.with_pad_token(tokenizer, config.policy.pad_token, field="config.policy.pad_token")
+  return prompt_encoding.PromptTokenizer(tokenizer, chat_template=config.data.chat_template)
 
 
 def load_reward(config: ml_collections.ConfigDict, tokenizer) -> rewards.RewardFn:
   """The `RewardFn` of `config.reward`: the shipped sentiment score, a reward model, or a Python function of
-  texts ("python") or of token ids ("python_tokens", see `rewards.token_reward`)."""
+  texts ("python") or of token ids ("python_tokens", see `rewards.token_reward`).
+
+  Args:
+    config: the run config.
+    tokenizer: the policy's tokenizer from `load_policy` (the one the prompts are encoded with).
+  """
+  tokenizer = prompt_encoding.as_prompt_tokenizer(tokenizer)
   kind = config.reward.kind
   if kind == "default":
     return rewards.text_reward(sentiment.sentiment_reward, tokenizer)

@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.policy.path = ""  # Local Hugging Face checkpoint directory, for source "hf_checkpoint".
   c.policy.tokenizer_path = ""  # Tokenizer directory; empty: the policy's directory (or the shipped one).
   c.policy.dtype = "float32"  # Compute dtype: "float32" | "bfloat16". Parameters stay float32.
+  c.policy.pad_token = ""  # A token of the tokenizer to pad prompts with, for tokenizers without a pad token (Llama
+  # 3: e.g. "<|finetune_right_pad_id|>" or its EOS token); empty: the tokenizer's own pad token.
   # Source "init": a randomly initialised transformer of this shape (seeded by `seed`), without EOS, and (unless
   # tokenizer_path is set) `id_tokenizer.IdTokenizer`, which reads and writes token ids as text.
   c.policy.model = ml_collections.ConfigDict()
@@ -83,6 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.text_key = "prompt"  # Feature (TFDS) or JSON key holding the prompt text.
   c.data.prompt_len = 16  # Prompt tokens; longer prompts are handled by `overlong`.
   c.data.overlong = "truncate"  # "truncate" (keep the last prompt_len tokens) | "reject" (skip, counted).
+  c.data.chat_template = False  # Render prompts with the tokenizer's chat template (with the generation prompt):
+  # conversations ("messages" lines of a JSONL prompt file) and texts (as one user turn).
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.max_new_tokens = 24  # Generated tokens per sample.
