@@ -72,6 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.reward.kind = "default"  # "default" (shipped sentiment score) | "reward_model" (HF seq-cls dir) | "python" |
   # "python_tokens".
   c.reward.path = ""  # Reward model checkpoint directory (kind "reward_model").
+  c.reward.tokenizer_path = ""  # The reward model's tokenizer directory; empty: `path`. A tokenizer other than the
+  # policy's (vocabulary, BOS/EOS, chat template) has prompts and generations re-tokenized for the reward model.
+  c.reward.max_len = 0  # Reward-model tokens per re-tokenized prompt + generation; 0: twice prompt_len +
+  # max_new_tokens (at most the reward model's context).
   c.reward.function = ""  # "module:function": texts (prompts, generations) -> rewards (kind "python"), or token ids
   # (prompts [n, P], prompt_mask, generations [n, T], generation_mask) -> [n], jittable (kind "python_tokens").
 
@@ -168,6 +172,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{f"policy.model.{name}": (_positive, "a positive integer") for name in (
         "vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "max_seq_len")},
     "reward.kind": (_allowed(REWARD_KINDS), f"one of {REWARD_KINDS}"),
+    "reward.max_len": (_non_negative, "a non-negative integer (0: twice prompt_len + max_new_tokens)"),
     "data.source": (_allowed(DATA_SOURCES), f"one of {DATA_SOURCES}"),
     "data.prompt_len": (_positive, "a positive integer"),
     "data.overlong": (_allowed(OVERLONG_POLICIES), f"one of {OVERLONG_POLICIES}"),
