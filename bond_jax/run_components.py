@@ -1,15 +1,27 @@
 """Builds what a run config names: the reference policy, its tokenizer, the reward and the prompt iterators.
 
 Example:
+  >>> import tempfile
+  >>> from bond_jax import run_config
+  >>> config = run_config.base_config()   # the shipped policy and sentiment reward
+  >>> config.data.source, config.data.prompts, config.batch_size = "inline", ("The plot was", "The room"), 2
   >>> ref_params, model_config, tokenizer = load_policy(config)
   >>> reward_fn = load_reward(config, tokenizer)
-  >>> train_prompts, eval_prompts = load_prompts(config, tokenizer, model_config, workdir)
+  >>> train_prompts, eval_prompts = load_prompts(config, tokenizer, model_config, tempfile.mkdtemp())
+  >>> batch = next(eval_prompts)
+  >>> batch["text"]
+  ['The plot was', 'The room']
+  >>> generations = jnp.asarray(tokenizer.tokenizer([" great.", " dirty."], add_special_tokens=False)["input_ids"])
+  >>> reward_fn(batch["prompts"], batch["prompt_mask"], generations[:, None], jnp.ones((2, 1, 2), bool)) > 0
+  Array([[ True],
+         [False]], dtype=bool)
 """
 
 import dataclasses
 import importlib
 import os
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -18,6 +30,7 @@ from bond_jax import rewards
 from bond_jax import run_config
 from bond_jax.data import id_tokenizer
 from bond_jax.data import prompt_batches
+from bond_jax.data import prompt_encoding
 from bond_jax.data import prompt_sources
 from bond_jax.models import hf
 from bond_jax.models import transformer
@@ -29,14 +42,18 @@ DEFAULT_POLICY_DIR = os.path.join(default_assets.ASSETS_DIR, "policy")
 
 
 def load_policy(config: ml_collections.ConfigDict):
-  """(reference params, model config, tokenizer) of `config.policy`; the policy starts as the reference."""
+  """(reference params, model config, tokenizer) of `config.policy`; the policy starts as the reference.
+
+  The tokenizer is a `prompt_encoding.PromptTokenizer`: the policy's tokenizer with `config.policy.pad_token` as
+  its pad token if set, rendering prompts with its chat template if `config.data.chat_template`.
+  """
   policy = config.policy
   if policy.source == "init":
     model_config = ModelConfig(**policy.model.to_dict(), dtype=policy.dtype)
     params = transformer.init_params(model_config, jax.random.PRNGKey(config.seed))
     tokenizer = (hf.load_tokenizer(policy.tokenizer_path) if policy.tokenizer_path
                  else id_tokenizer.IdTokenizer(model_config.vocab_size))
-    return params, model_config, tokenizer
+    return params, model_config, _prompt_tokenizer(config, tokenizer)
   path = DEFAULT_POLICY_DIR if policy.source == "default" else policy.path
   if not os.path.isdir(path):
     raise FileNotFoundError(
@@ -55,18 +72,57 @@ def load_policy(config: ml_collections.ConfigDict):
     tokenizer = default_assets.load_tokenizer()
   else:
     tokenizer = hf.load_tokenizer(path)
-  return params, model_config, tokenizer
+  return params, model_config, _prompt_tokenizer(config, tokenizer)
+
+
+def _prompt_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> prompt_encoding.PromptTokenizer:
+  if config.policy.pad_token:
+    tokenizer = prompt_encoding.with_pad_token(tokenizer, config.policy.pad_token, field="config.policy.pad_token")
+  return prompt_encoding.PromptTokenizer(tokenizer, chat_template=config.data.chat_template)
+
+
+# A directory holding any of these holds a tokenizer `transformers.AutoTokenizer` can try to load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_reward_tokenizer(config: ml_collections.ConfigDict):
+  """The reward model's tokenizer: from `config.reward.tokenizer_path`, else from `config.reward.path`.
+
+  Raises:
+    run_config.ConfigError: naming `config.reward.path` when neither directory holds a tokenizer.
+  """
+  path = config.reward.tokenizer_path or config.reward.path
+  if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+    field = "tokenizer_path" if config.reward.tokenizer_path else "path"
+    raise run_config.ConfigError(
+        f"config.reward.{field} = {path!r} is not allowed: it holds no tokenizer (none of {TOKENIZER_FILES}), "
+        "which the reward model's inputs are read with; set config.reward.tokenizer_path to its tokenizer.")
+  return hf.load_tokenizer(path)
 
 
 def load_reward(config: ml_collections.ConfigDict, tokenizer) -> rewards.RewardFn:
   """The `RewardFn` of `config.reward`: the shipped sentiment score, a reward model, or a Python function of
-  texts ("python") or of token ids ("python_tokens", see `rewards.token_reward`)."""
+  texts ("python") or of token ids ("python_tokens", see `rewards.token_reward`).
+
+  A reward model reads the policy's ids when its tokenizer (`load_reward_tokenizer`) has the policy's vocabulary
+  and BOS/EOS and either no chat template or the one the prompts are rendered with; otherwise each prompt and
+  generation is re-tokenized for it (`rewards.retokenized_reward_model`: the prompt as written, its conversation
+  with a chat template, and the generation as the assistant's turn).
+
+  Args:
+    config: the run config.
+    tokenizer: the policy's tokenizer from `load_policy` (the one the prompts are encoded with).
+
+  Raises:
+    run_config.ConfigError: a reward model directory without a tokenizer, conversations for a reward model
+      whose own tokenizer has no chat template, or `config.reward.max_len` longer than its context.
+  """
+  tokenizer = prompt_encoding.as_prompt_tokenizer(tokenizer)
   kind = config.reward.kind
   if kind == "default":
     return rewards.text_reward(sentiment.sentiment_reward, tokenizer)
   if kind == "reward_model":
-    params, model_config = hf.load_checkpoint(config.reward.path)
-    return rewards.reward_model(params, model_config)
+    return _load_reward_model(config, tokenizer)
   module_name, _, function_name = config.reward.function.partition(":")
   try:
     fn = getattr(importlib.import_module(module_name), function_name)
@@ -76,6 +132,30 @@ def load_reward(config: ml_collections.ConfigDict, tokenizer) -> rewards.RewardF
   if kind == "python_tokens":
     return rewards.token_reward(fn)
   return rewards.text_reward(fn, tokenizer)
+
+
+def _load_reward_model(config: ml_collections.ConfigDict, policy: prompt_encoding.PromptTokenizer
+                       ) -> rewards.RewardFn:
+  params, model_config = hf.load_checkpoint(config.reward.path)
+  reward_tokenizer = load_reward_tokenizer(config)
+  policy_template = policy.tokenizer.chat_template if policy.chat_template else None
+  reward_template = getattr(reward_tokenizer, "chat_template", None)
+  if (prompt_encoding.same_vocabulary(policy.tokenizer, reward_tokenizer)
+      and reward_template in (None, policy_template)):
+    return rewards.reward_model(params, model_config)
+  if policy.chat_template and not reward_template:
+    raise run_config.ConfigError(
+        f"config.reward.path = {config.reward.path!r} is not allowed with config.data.chat_template = True: its "
+        "tokenizer differs from the policy's and has no chat template to render the conversations with.")
+  max_len = config.reward.max_len or min(2 * (config.data.prompt_len + config.sampling.max_new_tokens),
+                                         model_config.max_seq_len)
+  if max_len > model_config.max_seq_len:
+    raise run_config.ConfigError(
+        f"config.reward.max_len = {max_len} is not allowed: expected at most the reward model's context, "
+        f"{model_config.max_seq_len}.")
+  logging.info("The reward model's tokenizer differs from the policy's: prompts and generations are re-tokenized "
+               "for it (up to %d tokens).", max_len)
+  return rewards.retokenized_reward_model(params, model_config, reward_tokenizer, policy, max_len)
 
 
 def load_prompts(config: ml_collections.ConfigDict, tokenizer, model_config: ModelConfig, workdir: str,

@@ -57,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.policy.path = ""  # Local Hugging Face checkpoint directory, for source "hf_checkpoint".
   c.policy.tokenizer_path = ""  # Tokenizer directory; empty: the policy's directory (or the shipped one).
   c.policy.dtype = "float32"  # Compute dtype: "float32" | "bfloat16". Parameters stay float32.
+  c.policy.pad_token = ""  # A token of the tokenizer to pad prompts with, for tokenizers without a pad token (Llama
+  # 3: e.g. "<|finetune_right_pad_id|>" or its EOS token); empty: the tokenizer's own pad token.
   # Source "init": a randomly initialised transformer of this shape (seeded by `seed`), without EOS, and (unless
   # tokenizer_path is set) `id_tokenizer.IdTokenizer`, which reads and writes token ids as text.
   c.policy.model = ml_collections.ConfigDict()
@@ -73,6 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.reward.kind = "default"  # "default" (shipped sentiment score) | "reward_model" (HF seq-cls dir) | "python" |
   # "python_tokens".
   c.reward.path = ""  # Reward model checkpoint directory (kind "reward_model").
+  c.reward.tokenizer_path = ""  # The reward model's tokenizer directory; empty: `path`. A tokenizer other than the
+  # policy's (vocabulary, BOS/EOS, chat template) has prompts and generations re-tokenized for the reward model.
+  c.reward.max_len = 0  # Reward-model tokens per re-tokenized prompt + generation; 0: twice prompt_len +
+  # max_new_tokens (at most the reward model's context).
   c.reward.function = ""  # "module:function": texts (prompts, generations) -> rewards (kind "python"), or token ids
   # (prompts [n, P], prompt_mask, generations [n, T], generation_mask) -> [n], jittable (kind "python_tokens").
 
@@ -86,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.text_key = "prompt"  # Feature (TFDS) or JSON key holding the prompt text.
   c.data.prompt_len = 16  # Prompt tokens; longer prompts are handled by `overlong`.
   c.data.overlong = "truncate"  # "truncate" (keep the last prompt_len tokens) | "reject" (skip, counted).
+  c.data.chat_template = False  # Render prompts with the tokenizer's chat template (with the generation prompt):
+  # conversations ("messages" lines of a JSONL prompt file) and texts (as one user turn).
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.max_new_tokens = 24  # Generated tokens per sample.
@@ -165,6 +173,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{f"policy.model.{name}": (_positive, "a positive integer") for name in (
         "vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "max_seq_len")},
     "reward.kind": (_allowed(REWARD_KINDS), f"one of {REWARD_KINDS}"),
+    "reward.max_len": (_non_negative, "a non-negative integer (0: twice prompt_len + max_new_tokens)"),
     "data.source": (_allowed(DATA_SOURCES), f"one of {DATA_SOURCES}"),
     "data.prompt_len": (_positive, "a positive integer"),
     "data.overlong": (_allowed(prompt_batches.OVERLONG_POLICIES), f"one of {prompt_batches.OVERLONG_POLICIES}"),

@@ -38,8 +38,14 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
       `weight_decay`, `b1`, `b2`, `grad_clip`).
 
   Example:
-    >>> opt = make_optimizer(base_config().optimizer)
-    >>> opt_state = opt.init(params)
+    >>> from bond_jax import run_config
+    >>> optimizer = make_optimizer(run_config.base_config().optimizer)   # 10 warm-up steps to 3e-4
+    >>> params = {"w": jnp.zeros(1)}
+    >>> opt_state = optimizer.init(params)
+    >>> for _ in range(11):   # a constant gradient: each Adam step moves by the learning rate
+    ...   updates, opt_state = optimizer.update({"w": jnp.array([10.0])}, opt_state, params)
+    >>> round(float(updates["w"][0]), 8)   # step 10, the first after the warm-up
+    -0.0003
   """
   after_warmup = (optax.cosine_decay_schedule(config.learning_rate, config.decay_steps) if config.decay_steps
                   else optax.constant_schedule(config.learning_rate))
@@ -53,11 +59,21 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def create_train_state(params: Params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-  """A fresh train state whose anchor starts at the policy (both at the reference for a new run).
+  """A fresh train state whose policy and anchor start at `params` (the reference, for a new run).
+
+  The state owns its buffers: policy and anchor are copies, never `params`' own arrays, so a step that donates
+  the state (`jax.jit(step, donate_argnums=0)`) leaves the reference, passed beside it, alive.
 
   Example:
-    >>> state = create_train_state(ref_params, make_optimizer(config.optimizer), seed=0)
+    >>> from bond_jax import run_config
+    >>> ref_params = {"w": jnp.ones((2, 2))}
+    >>> state = create_train_state(ref_params, make_optimizer(run_config.base_config().optimizer), seed=0)
+    >>> step = jax.jit(lambda s, ref: s.replace(params=jax.tree.map(jnp.add, s.params, ref)), donate_argnums=0)
+    >>> state = step(state, ref_params)
+    >>> ref_params["w"].is_deleted(), float(state.params["w"][0, 0])
+    (False, 2.0)
   """
+  params = jax.tree.map(jnp.copy, params)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,

@@ -31,6 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from bond_jax import sampling  # pylint: disable=g-import-not-at-top
+from bond_jax.data import prompt_batches
+from bond_jax.data import prompt_encoding
 from bond_jax.data import prompt_sources
 from bond_jax.models import hf
 from bond_jax.tasks import arithmetic
@@ -74,26 +76,26 @@ def mean_curve(curves: list[list[tuple[int, float, float]]]) -> list[tuple[int, 
 
 
 def reference_pass_rates(config: dict, num_samples: int) -> np.ndarray:
-  """Per held-out prompt of the run's prompt file, the reference's pass rate over `num_samples` samples."""
+  """Per held-out prompt of the run's prompt file, the reference's pass rate over `num_samples` samples.
+
+  The prompts are encoded and padded as the run encodes them (`PromptIterator`); padding is told by the masks.
+  """
   params, model_config = hf.load_checkpoint(config["policy"]["path"])
-  tokenizer = hf.load_tokenizer(config["policy"]["path"])
+  tokenizer = prompt_encoding.PromptTokenizer(hf.load_tokenizer(config["policy"]["path"]),
+                                              chat_template=config["data"].get("chat_template", False))
   _, held_out = prompt_sources.load_prompt_splits("prompt_file", path=config["data"]["path"])
-  prompts = list(held_out)
-  prompt_len = config["data"]["prompt_len"]
-  tokens = np.full((len(prompts), prompt_len), model_config.pad_token_id, np.int32)
-  for i, prompt in enumerate(prompts):
-    ids = tokenizer.encode(prompt)
-    tokens[i, :len(ids)] = ids
+  batch = next(prompt_batches.PromptIterator(held_out, tokenizer, batch_size=len(held_out), shuffle=False,
+                                             prompt_len=config["data"]["prompt_len"], name="held-out"))
   sample_config = sampling.SamplingConfig(
       max_new_tokens=config["sampling"]["max_new_tokens"], num_samples=num_samples, temperature=1.0, top_k=0,
-      top_p=1.0, eos_token_id=model_config.eos_token_id, pad_token_id=model_config.pad_token_id)
+      top_p=1.0, eos_token_id=model_config.eos_token_id)
   out = jax.jit(lambda p, t, m: sampling.sample(p, t, m, jax.random.PRNGKey(0), sample_config, model_config))(
-      params, tokens, tokens != model_config.pad_token_id)
+      params, batch["prompts"], batch["prompt_mask"])
   generated, mask = np.asarray(out.tokens), np.asarray(out.mask)
-  texts = [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True)
-           for rows, keeps in zip(generated, mask) for row, keep in zip(rows, keeps)]
-  passed = arithmetic.check([p for p in prompts for _ in range(num_samples)], texts)
-  return np.asarray(passed).reshape(len(prompts), num_samples).mean(axis=1)
+  texts = tokenizer.batch_decode([row[keep].tolist() for rows, keeps in zip(generated, mask)
+                                  for row, keep in zip(rows, keeps)], skip_special_tokens=True)
+  passed = arithmetic.check([p for p in batch["text"] for _ in range(num_samples)], texts)
+  return np.asarray(passed).reshape(len(held_out), num_samples).mean(axis=1)
 
 
 def best_of_n_points(pass_rates: np.ndarray, ns: list[int]) -> list[tuple[int, float, float]]:

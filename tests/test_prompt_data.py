@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from bond_jax.data import prompt_batches
+from bond_jax.data import prompt_encoding
 from bond_jax.data import prompt_files
 from bond_jax.data import prompt_sources
 from bond_jax.data import prompt_tfds
@@ -20,10 +21,12 @@ class WordTokenizer:
   """BOS followed by one id per whitespace-separated word: the token count of a prompt is known by eye."""
 
   pad_token_id, bos_token_id, eos_token_id = PAD, BOS, EOS
+  all_special_ids = (PAD, BOS, EOS)
 
-  def encode(self, text):
+  def encode(self, text, add_special_tokens=True):
     # A literal "<pad>" word encodes to the pad id, as a real tokenizer's pad token would.
-    return [BOS] + [PAD if w == "<pad>" else 3 + zlib.crc32(w.encode()) % 1000 for w in text.split()]
+    words = [PAD if w == "<pad>" else 3 + zlib.crc32(w.encode()) % 1000 for w in text.split()]
+    return [BOS] * add_special_tokens + words
 
 
 class ToyDocuments(tfds.core.GeneratorBasedBuilder):
@@ -74,17 +77,22 @@ def test_text_and_jsonl_readers(tmp_path):
   text_path.write_bytes(b"first prompt\r\nsecond\n\nbad \xff byte\nlast\n")
   prompts = prompt_files.read_prompt_file(str(text_path))
   assert prompts[:3] == ["first prompt", "second", ""] and prompts[4] == "last" and len(prompts) == 5
-  assert prompt_batches.as_text(prompts[3]) is None  # Kept, then skipped and counted by the iterator.
+  assert prompt_encoding.as_text(prompts[3]) is None  # Kept, then skipped and counted by the iterator.
 
   jsonl_path = tmp_path / "p.jsonl"
-  rows = [{"question": "Why is the sky blue?", "id": 1}, {"question": "Ünïcode ☃"}]
+  conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Ünïcode ☃", "name": "a"}]
+  rows = [{"question": "Why is the sky blue?", "id": 1}, {"question": "Ünïcode ☃"}, {"messages": conversation}]
   jsonl_path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", encoding="utf-8")
-  assert prompt_files.read_prompt_file(str(jsonl_path), text_key="question") == [r["question"] for r in rows]
+  assert prompt_files.read_prompt_file(str(jsonl_path), text_key="question") == [
+      "Why is the sky blue?", "Ünïcode ☃", conversation]
 
 
 @pytest.mark.parametrize("content, message", [
     ('{"prompt": "ok"}\nnot json\n', r"p\.jsonl:2: not a JSON object"),
-    ('{"prompt": "ok"}\n{"text": "x"}\n', r"p\.jsonl:2: text_key='prompt' not found; the line holds \['text'\]"),
+    ('{"prompt": "ok"}\n{"text": "x"}\n',
+     r"p\.jsonl:2: neither text_key='prompt' nor 'messages' found; the line holds \['text'\]"),
+    ('{"messages": [{"role": "user"}]}\n', r"p\.jsonl:1: 'messages' must be a non-empty list of"),
+    ('{"messages": []}\n', r"p\.jsonl:1: 'messages' must be a non-empty list of"),
     ('{"prompt": 5}\n', r"p\.jsonl:1: 'prompt' must be a string"),
 ])
 def test_jsonl_errors_name_the_line(tmp_path, content, message):

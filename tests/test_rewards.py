@@ -1,5 +1,7 @@
 """Rewards: reward model vs the PyTorch classifier, token/text rewards vs direct Python, check_rewards."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,31 +29,55 @@ def _batch(vocab):
           jnp.asarray(tokens, jnp.int32), jnp.asarray(mask))
 
 
-def test_reward_model_matches_pytorch_classifier(tmp_path):
+FILLER = 23  # Fills padded and masked-out positions: an ordinary id, so only the masks can tell them apart.
+
+
+def _pooling_batch(pad):
+  """Prompts [3, 4] (full; left-padded ending in pad-id tokens; right-padded, all pad-id tokens) and 4 samples each
+  [3, 4, 4]: ending at EOS, ending in pad-id tokens, empty, all pad-id tokens. `pad` None: the classifier declares
+  no pad id, the batch then uses 0 for the pad-id cases."""
+  p = 0 if pad is None else pad
+  prompts = np.array([[1, 5, 9, 13], [FILLER, 1, 6, p], [p, p, FILLER, FILLER]])
+  prompt_mask = np.array([[1, 1, 1, 1], [0, 1, 1, 1], [1, 1, 0, 0]], bool)
+  samples = np.array([[7, 11, EOS, FILLER], [7, p, p, FILLER], [FILLER] * 4, [p] * 4])
+  sample_mask = np.array([[1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], bool)
+  tokens, mask = np.broadcast_to(samples, (3, 4, 4)), np.broadcast_to(sample_mask, (3, 4, 4))
+  return prompts, prompt_mask, tokens, mask
+
+
+@pytest.fixture(scope="module", params=[EOS, PAD, None], ids=["pad_is_eos", "pad_is_not_eos", "no_pad"])
+def reward_checkpoint(request, tmp_path_factory):
+  """(PyTorch classifier, our params and config) of a tiny Llama reward model declaring pad id `param`."""
   pytest.importorskip("torch")
   import hf_reference
   from bond_jax.models import hf
 
-  model = hf_reference.hf_model("qwen2", "score")
-  model.save_pretrained(tmp_path)
-  params, config = hf.load_checkpoint(tmp_path)
-  prompts, prompt_mask, tokens, mask = _batch(hf_reference.VOCAB)
+  model = hf_reference.hf_model("llama", "score", pad_token_id=request.param)
+  path = tmp_path_factory.mktemp("reward_model")
+  model.save_pretrained(path)
+  params, config = hf.load_checkpoint(path)
+  # The checkpoint's declared pad id, None included (a loader that falls back to the EOS id would read EOS).
+  return model, params, dataclasses.replace(config, pad_token_id=request.param)
+
+
+def test_reward_model_pools_as_the_pytorch_classifier(reward_checkpoint):
+  import torch
+
+  model, params, config = reward_checkpoint
+  prompts, prompt_mask, tokens, mask = _pooling_batch(config.pad_token_id)
   reward_fn = rewards.reward_model(params, config)
-  got = reward_fn(prompts, prompt_mask, tokens, mask)
-  # Passed through jit as an argument, the weights are traced inputs, not constants of the program.
   score = jax.jit(lambda fn, *batch: fn(*batch))
+  # Passed through jit as an argument, the weights are traced inputs, not constants of the program.
   lowered = score.lower(reward_fn, prompts, prompt_mask, tokens, mask)
   assert len(jax.tree.leaves(lowered.args_info)) == len(jax.tree.leaves(params)) + 4
-  np.testing.assert_allclose(score(reward_fn, prompts, prompt_mask, tokens, mask), got, atol=1e-5, rtol=0)
+  got = np.asarray(score(reward_fn, prompts, prompt_mask, tokens, mask))
 
-  # Oracle: each prompt + generation with its pads squeezed out, right-padded, scored by the HF classifier.
-  rows = [np.concatenate([np.asarray(prompts[b])[np.asarray(prompt_mask[b])],
-                          np.asarray(tokens[b, s])[np.asarray(mask[b, s])]])
-          for b in range(3) for s in range(2)]
-  width = max(map(len, rows))
-  ids = np.stack([np.pad(r, (0, width - len(r)), constant_values=PAD) for r in rows])
-  want = hf_reference.hf_outputs(model, ids, ids != PAD)[:, 0].reshape(3, 2)
-  assert np.asarray(got).dtype == np.float32
+  # Oracle: transformers' classifier on each prompt + generation alone, real tokens only (no padding, batch 1).
+  with torch.no_grad():
+    want = [[float(model(input_ids=torch.tensor(np.concatenate([prompts[b][prompt_mask[b]],
+                                                                 tokens[b, s][mask[b, s]]])[None])).logits[0, 0])
+             for s in range(4)] for b in range(3)]
+  assert got.dtype == np.float32
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
   assert np.std(want) > 0.1  # distinct scores, so a mis-pooled position would show
 
@@ -130,3 +156,144 @@ def test_check_rewards():
   bad[2, 1], bad[1, 0] = np.nan, np.inf
   with pytest.raises(ValueError, match=r"not finite at batch indices \[1, 2\]"):
     rewards.check_rewards(bad, 3, 2)
+
+
+def test_text_reward_reads_real_tokens_by_their_mask_whatever_their_id():
+  from bond_jax.data import id_tokenizer
+
+  seen = {}
+
+  def record(prompts, generations):
+    seen.update(prompts=prompts, generations=generations)
+    return [g.split().count("0") for g in generations]
+
+  # IdTokenizer: 0 is an ordinary token and also the pad id; FILLER marks padding, which the masks tell.
+  prompts, prompt_mask = jnp.array([[FILLER, 0, 3, 0]]), jnp.array([[False, True, True, True]])
+  tokens = jnp.array([[[0, 0, 7, 0], [0, FILLER, FILLER, FILLER]]])
+  mask = jnp.array([[[True, True, True, True], [True, False, False, False]]])
+  got = jax.jit(rewards.text_reward(record, id_tokenizer.IdTokenizer(32)))(prompts, prompt_mask, tokens, mask)
+  assert seen == {"prompts": ["0 3 0", "0 3 0"], "generations": ["0 0 7 0", "0"]}
+  np.testing.assert_array_equal(got, [[3, 1]])
+
+
+# Reward models with a tokenizer of their own.
+
+RESPONSES = (" great movie", " bad.", "")  # what each policy sample says, as text
+
+
+@pytest.fixture(scope="module")
+def cross_tokenizer_dirs(tmp_path_factory):
+  """{"rm": a reward model on the character tokenizer (no tokenizer in its directory), "chat"/"plain": that
+  tokenizer with and without a chat template, "policy_chat": the shipped tokenizer with a template}."""
+  pytest.importorskip("torch")
+  import chat_tokenizers
+  import hf_reference
+
+  root = tmp_path_factory.mktemp("cross_tokenizer")
+  dirs = {"chat": chat_tokenizers.character_tokenizer(str(root / "chat")),
+          "plain": chat_tokenizers.character_tokenizer(str(root / "plain"), chat_template=None),
+          "policy_chat": chat_tokenizers.shipped_tokenizer(str(root / "policy_chat")),
+          "rm": str(root / "rm")}
+  vocab = len(chat_tokenizers.CHARACTER_SPECIALS) + 95
+  model = hf_reference.hf_model("llama", "score", vocab_size=vocab, max_position_embeddings=128)
+  model.save_pretrained(dirs["rm"])
+  return dirs, model
+
+
+def _reward_config(rm_dir, tokenizer_dir="", max_len=0):
+  from bond_jax import run_config
+  config = run_config.base_config()
+  config.reward.kind, config.reward.path, config.reward.tokenizer_path = "reward_model", rm_dir, tokenizer_dir
+  config.reward.max_len = max_len
+  return config
+
+
+def _policy_batch(policy, prompts):
+  """Prompts encoded by the policy's PromptTokenizer, and samples [len(prompts), 3] saying `RESPONSES` (the first
+  ending at EOS), right-padded with FILLER."""
+  from bond_jax.data import prompt_batches
+  batch = next(prompt_batches.PromptIterator(prompts, policy, batch_size=len(prompts), prompt_len=32,
+                                             shuffle=False))
+  rows = [policy.tokenizer.encode(r, add_special_tokens=False) for r in RESPONSES]
+  rows[0].append(policy.eos_token_id)
+  time = max(map(len, rows))
+  tokens = np.array([r + [FILLER] * (time - len(r)) for r in rows])
+  mask = np.arange(time) < np.array([len(r) for r in rows])[:, None]
+  repeat = lambda x: np.broadcast_to(x, (len(prompts),) + x.shape)  # noqa: E731
+  return batch["prompts"], batch["prompt_mask"], repeat(tokens), repeat(mask)
+
+
+@pytest.mark.parametrize("policy_template, reward_template", [(False, True), (True, True), (False, False)],
+                         ids=["text_prompts", "conversations", "no_templates"])
+def test_reward_model_with_its_own_tokenizer_scores_the_conversation_the_policy_saw(
+    cross_tokenizer_dirs, policy_template, reward_template):
+  import torch
+  from bond_jax import run_components
+  from bond_jax.data import prompt_encoding
+  from bond_jax.models import hf
+  from bond_jax.tasks import default_assets
+
+  dirs, model = cross_tokenizer_dirs
+  if policy_template:
+    policy = prompt_encoding.PromptTokenizer(hf.load_tokenizer(dirs["policy_chat"]), chat_template=True)
+    prompts = [[{"role": "system", "content": "Be honest."}, {"role": "user", "content": "The movie was"}],
+               [{"role": "user", "content": "The room"}]]
+  else:
+    policy = prompt_encoding.PromptTokenizer(default_assets.load_tokenizer())
+    prompts = ["The movie was", "The room"]
+  tokenizer_dir = dirs["chat" if reward_template else "plain"]
+  reward_fn = run_components.load_reward(_reward_config(dirs["rm"], tokenizer_dir, max_len=96), policy)
+  got = jax.jit(lambda fn, *batch: fn(*batch))(reward_fn, *_policy_batch(policy, prompts))
+
+  # Oracle: the reward model's own tokenizer on each conversation (or text) and response, then its PyTorch forward.
+  rm_tokenizer = hf.load_tokenizer(tokenizer_dir)
+
+  def ids(prompt, response):
+    if reward_template:
+      turns = (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}])
+      return rm_tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response}],
+                                              tokenize=True, return_dict=False)
+    return rm_tokenizer(prompt + response)["input_ids"]
+
+  with torch.no_grad():
+    want = [[float(model(input_ids=torch.tensor([ids(p, r)])).logits[0, 0]) for r in RESPONSES] for p in prompts]
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  assert np.std(want) > 0.1
+
+
+def test_reward_model_with_the_policys_tokenizer_reads_its_ids_on_the_device(cross_tokenizer_dirs, tmp_path):
+  import chat_tokenizers
+  from bond_jax import run_components
+  from bond_jax.data import prompt_encoding
+  from bond_jax.tasks import default_assets
+
+  dirs, _ = cross_tokenizer_dirs
+  same = chat_tokenizers.shipped_tokenizer(str(tmp_path), chat_template=None)
+  policy = prompt_encoding.PromptTokenizer(default_assets.load_tokenizer())
+  batch = _policy_batch(policy, ["The room"])
+  jaxpr = str(jax.make_jaxpr(run_components.load_reward(_reward_config(dirs["rm"], same), policy))(*batch))
+  assert "callback" not in jaxpr
+  jaxpr = str(jax.make_jaxpr(run_components.load_reward(_reward_config(dirs["rm"], dirs["plain"]), policy))(*batch))
+  assert "callback" in jaxpr
+
+
+def test_reward_model_tokenizer_faults_are_named(cross_tokenizer_dirs):
+  from bond_jax import run_components
+  from bond_jax import run_config
+  from bond_jax.data import prompt_encoding
+  from bond_jax.models import hf
+  from bond_jax.tasks import default_assets
+
+  dirs, _ = cross_tokenizer_dirs
+  policy = prompt_encoding.PromptTokenizer(default_assets.load_tokenizer())
+  with pytest.raises(run_config.ConfigError, match=r"config.reward.path = '.*rm' is not allowed: it holds no tokenizer"):
+    run_components.load_reward(_reward_config(dirs["rm"]), policy)
+  chat_policy = prompt_encoding.PromptTokenizer(hf.load_tokenizer(dirs["policy_chat"]), chat_template=True)
+  with pytest.raises(run_config.ConfigError, match="has no chat template to render the conversations"):
+    run_components.load_reward(_reward_config(dirs["rm"], dirs["plain"]), chat_policy)
+  with pytest.raises(run_config.ConfigError, match="config.reward.max_len = 200 is not allowed"):
+    run_components.load_reward(_reward_config(dirs["rm"], dirs["plain"], max_len=200), policy)
+  short = run_components.load_reward(_reward_config(dirs["rm"], dirs["plain"], max_len=8), policy)
+  longest = 1 + len("The movie was" + RESPONSES[0])  # "<s>" and one token per character
+  with pytest.raises(rewards.RewardError, match=rf"take {longest} tokens, more than max_len=8 \(config.reward.max_len"):
+    short(*_policy_batch(policy, ["The movie was"]))

@@ -1,17 +1,20 @@
 """A tokenizer for synthetic token tasks: the text of a sequence is its token ids, separated by spaces.
 
 Every id in `[0, vocab_size)` is an ordinary token (none is special, so decoding keeps them all); id 0 doubles as
-the pad id that `prompt_batches.PromptIterator` pads prompts with.
+the pad id that `prompt_batches.PromptIterator` fills the padding with (the prompt mask, not the id, tells padding
+from a real 0).
 
 Example:
   >>> tokenizer = IdTokenizer(vocab_size=8)
-  >>> tokenizer.encode("3 1 4")          # [3, 1, 4]
-  >>> tokenizer.decode([3, 1, 4])        # "3 1 4"
+  >>> tokenizer.encode("3 1 0")
+  [3, 1, 0]
+  >>> tokenizer.decode([3, 1, 0])
+  '3 1 0'
 """
 
 from collections.abc import Sequence
 
-from bond_jax.data import prompt_batches
+from bond_jax.data.prompt_encoding import PromptError
 
 
 class IdTokenizer:
@@ -20,6 +23,7 @@ class IdTokenizer:
   pad_token_id = 0
   bos_token_id = None
   eos_token_id = None
+  all_special_ids = ()
 
   def __init__(self, vocab_size: int):
     if not isinstance(vocab_size, int) or vocab_size < 1:
@@ -29,15 +33,27 @@ class IdTokenizer:
   def __len__(self) -> int:
     return self.vocab_size
 
-  def encode(self, text: str) -> list[int]:
-    """`"3 1 4"` -> `[3, 1, 4]`."""
+  @property
+  def pad_token(self) -> str:
+    return str(self.pad_token_id)
+
+  @pad_token.setter
+  def pad_token(self, token: str) -> None:
+    self.pad_token_id = self.get_vocab()[token]
+
+  def get_vocab(self) -> dict[str, int]:
+    """Each id's text is the id itself: `{"0": 0, "1": 1, ...}`."""
+    return {str(i): i for i in range(self.vocab_size)}
+
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    """`"3 1 4"` -> `[3, 1, 4]` (there are no special tokens to add)."""
+    del add_special_tokens
     try:
       ids = [int(word) for word in text.split()]
     except ValueError as e:
-      raise prompt_batches.PromptError(f"IdTokenizer reads space-separated integers, got {text[:80]!r}.") from e
+      raise PromptError(f"IdTokenizer reads space-separated integers, got {text[:80]!r}.") from e
     if not all(0 <= i < self.vocab_size for i in ids):
-      raise prompt_batches.PromptError(
-          f"IdTokenizer: ids of {text[:80]!r} must lie in [0, vocab_size={self.vocab_size}).")
+      raise PromptError(f"IdTokenizer: ids of {text[:80]!r} must lie in [0, vocab_size={self.vocab_size}).")
     return ids
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:

@@ -6,23 +6,31 @@ next epoch's permutation when one ends; host `process_index` of `process_count` 
 `[process_index * per_host, (process_index + 1) * per_host)` of it. Every host reads and tokenises the whole
 global batch, so all hosts agree on which prompts are skipped without talking to each other.
 
-Each prompt is encoded with `tokenizer.encode(text)`, so it carries the tokenizer's own special tokens (e.g. BOS).
+Each prompt (a text, or a conversation with a chat template) is encoded by the policy's
+`prompt_encoding.PromptTokenizer`, so it carries exactly the special tokens the model expects (e.g. one BOS).
 
 - longer than `prompt_len` tokens: with overlong="truncate" the last tokens are kept (the words nearest the
   generation; a leading BOS is kept too), counted as "truncated"; with overlong="reject" the prompt is skipped,
   counted as "rejected";
-- empty, whitespace only, or only special tokens once encoded (e.g. just BOS or pad): skipped, "empty";
-- bytes that are not UTF-8 or text that cannot be encoded as UTF-8: skipped, "undecodable";
+- empty, whitespace only, or only special tokens (e.g. "<pad>"), in every turn: skipped, "empty";
+- bytes that are not UTF-8 or text that cannot be encoded as UTF-8 (in any turn): skipped, "undecodable";
 - a token id outside [0, vocab_size): `PromptError` (the tokenizer does not match the model).
 
 The first skip or truncation of each kind is logged as a warning with the prompt's index, and every epoch's
 counts are logged when it ends; `counts` holds them and is part of the state, so a resumed run logs the same.
 
 Example:
-  >>> it = PromptIterator(prompts, tokenizer, batch_size=16, prompt_len=16, seed=0)
-  >>> batch = next(it)   # {"prompts": int32 [16, 16], "prompt_mask": bool [16, 16], "text": 16 str}
+  >>> from bond_jax.tasks import default_assets
+  >>> prompts = ["The plot was", "The hotel", "I bought it"]
+  >>> it = PromptIterator(prompts, default_assets.load_tokenizer(), batch_size=2, prompt_len=5, seed=0)
+  >>> batch = next(it)   # {"prompts": int32 [2, 5], "prompt_mask": bool [2, 5], "text": 2 str}
+  >>> batch["text"], batch["prompt_mask"].sum(axis=1)   # each with its BOS
+  (['I bought it', 'The plot was'], array([4, 4]))
   >>> state = it.get_state()          # JSON-serialisable: save it with the checkpoint
-  >>> it2 = PromptIterator(prompts, tokenizer, batch_size=16, prompt_len=16, seed=0); it2.set_state(state)
+  >>> it2 = PromptIterator(prompts, default_assets.load_tokenizer(), batch_size=2, prompt_len=5, seed=0)
+  >>> it2.set_state(state)
+  >>> next(it2)["text"] == next(it)["text"]
+  True
 """
 
 from collections.abc import Sequence
@@ -31,53 +39,24 @@ from typing import Protocol
 from absl import logging
 import numpy as np
 
+from bond_jax.data import prompt_encoding
+from bond_jax.data.prompt_encoding import PromptError
+
 OVERLONG_POLICIES = ("truncate", "reject")
-
-
-class PromptError(ValueError):
-  """The prompts cannot be used: none is usable, one does not fit the model's tokenizer, or a file or dataset
-  holding them is missing or malformed."""
-
 
 # "yielded": prompts in global batches so far; the others: prompts truncated or skipped, by reason.
 COUNT_KEYS = ("yielded", "truncated", "rejected", "empty", "undecodable")
 
 
-class Tokenizer(Protocol):
-  """What the iterator needs of a tokenizer (a `transformers` tokenizer has it)."""
-
-  pad_token_id: int | None
-  bos_token_id: int | None
-  eos_token_id: int | None
-
-  def encode(self, text: str) -> list[int]:
-    ...
-
-
 class TextSource(Protocol):
-  """Random access to raw prompt texts (a list, or `prompt_tfds.TextColumn`)."""
+  """Random access to raw prompts (a list, or `prompt_tfds.TextColumn`): texts, or conversations (lists of
+  {"role", "content"} turns)."""
 
   def __len__(self) -> int:
     ...
 
-  def __getitem__(self, index: int) -> str | bytes:
+  def __getitem__(self, index: int) -> str | bytes | list[dict]:
     ...
-
-
-def as_text(raw: str | bytes) -> str | None:
-  """The prompt as text, or None if it is not valid UTF-8 (bytes) or not encodable as UTF-8 (str).
-
-  Example:
-    >>> as_text(b"ok"), as_text("ok"), as_text(bytes([255]))
-    ('ok', 'ok', None)
-  """
-  try:
-    if isinstance(raw, bytes):
-      return raw.decode("utf-8")
-    raw.encode("utf-8")
-  except UnicodeError:
-    return None
-  return raw
 
 
 def fit_to_length(ids: Sequence[int], prompt_len: int, bos_token_id: int | None) -> list[int]:
@@ -115,11 +94,13 @@ def left_pad(rows: Sequence[Sequence[int]], prompt_len: int, pad_token_id: int) 
 
 class PromptIterator:
   """Batches {"prompts": int32 [per_host, prompt_len], "prompt_mask": bool [per_host, prompt_len],
-  "text": list[str] (the prompts as read, before truncation)}, left-padded with the tokenizer's pad id.
+  "text": list[str] (the prompts as read, before truncation; a conversation's last turn, see
+  `prompt_encoding.prompt_text`)}, left-padded with the tokenizer's pad id (the mask, not the id, tells padding).
 
   Args:
     texts: the prompts (random access; see `TextSource`).
-    tokenizer: has `encode(text) -> list[int]`, `pad_token_id` (required) and `bos_token_id`.
+    tokenizer: a `prompt_encoding.PromptTokenizer`, or a tokenizer (`transformers`, `IdTokenizer`) to wrap in one
+      without a chat template; it needs a pad token. Each yielded prompt is `remember`ed by it.
     batch_size: prompts per global batch, across all hosts; divisible by `process_count`.
     prompt_len: tokens per prompt after padding.
     seed: seeds the per-epoch permutations.
@@ -131,7 +112,7 @@ class PromptIterator:
     name: names the split in logs and errors.
   """
 
-  def __init__(self, texts: TextSource, tokenizer: Tokenizer, *, batch_size: int, prompt_len: int, seed: int = 0,
+  def __init__(self, texts: TextSource, tokenizer, *, batch_size: int, prompt_len: int, seed: int = 0,
                overlong: str = "truncate", shuffle: bool = True, num_epochs: int | None = None,
                process_index: int = 0, process_count: int = 1, vocab_size: int | None = None,
                name: str = "train"):
@@ -145,8 +126,10 @@ class PromptIterator:
       raise ValueError(f"overlong={overlong!r} must be one of {OVERLONG_POLICIES}.")
     if num_epochs is not None and num_epochs <= 0:
       raise ValueError(f"num_epochs={num_epochs} must be positive or None.")
+    tokenizer = prompt_encoding.as_prompt_tokenizer(tokenizer)
     if tokenizer.pad_token_id is None:
-      raise PromptError("the tokenizer has no pad token (pad_token_id is None); set one, e.g. to its EOS token.")
+      raise PromptError("the tokenizer has no pad token (pad_token_id is None); name one of its tokens in "
+                        "config.policy.pad_token, e.g. its EOS token.")
     if len(texts) == 0:
       raise PromptError(f"the {name!r} prompts are empty: no prompt to batch.")
     self._texts = texts
@@ -160,8 +143,6 @@ class PromptIterator:
     self._rows = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
     self._vocab_size = vocab_size
     self._name = name
-    self._special_ids = {i for i in (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-                         if i is not None}
     self._epoch = 0
     self._index = 0
     self._order_epoch = None
@@ -193,7 +174,8 @@ class PromptIterator:
     while len(ids) < self._batch_size:
       position = self._next_position()
       raw = self._texts[position]
-      encoded = self._encode(raw, position)
+      prompt = prompt_encoding.as_prompt(raw)
+      encoded = self._encode(prompt, raw, position)
       if encoded is None:
         misses += 1
         if misses >= len(self._texts):
@@ -201,7 +183,7 @@ class PromptIterator:
         continue
       misses = 0
       ids.append(encoded)
-      texts.append(as_text(raw))
+      texts.append(prompt_encoding.prompt_text(prompt))
     self.counts["yielded"] += self._batch_size
     tokens, mask = left_pad(ids[self._rows], self._prompt_len, self._tokenizer.pad_token_id)
     return {"prompts": tokens, "prompt_mask": mask, "text": texts[self._rows]}
@@ -223,18 +205,16 @@ class PromptIterator:
     self._index += 1
     return position
 
-  def _encode(self, raw: str | bytes, position: int) -> list[int] | None:
-    """The prompt's token ids fitted to `prompt_len`, or None (counted) if it is skipped."""
-    text = as_text(raw)
-    if text is None:
+  def _encode(self, prompt: prompt_encoding.Prompt | None, raw, position: int) -> list[int] | None:
+    """The token ids of `prompt` (`raw` read as text, None if undecodable) fitted to `prompt_len` and remembered by
+    the tokenizer, or None (counted) if it is skipped."""
+    if prompt is None:
       return self._skip("undecodable", position, raw)
-    if not text.strip():
+    if self._tokenizer.is_empty(prompt):
       return self._skip("empty", position, raw)
-    ids = list(self._tokenizer.encode(text))
-    if all(i in self._special_ids for i in ids):
-      return self._skip("empty", position, raw)
+    ids = self._tokenizer.encode(prompt)
     if self._vocab_size is not None and not all(0 <= i < self._vocab_size for i in ids):
-      raise PromptError(f"prompt {position} of {self._name!r} ({text[:80]!r}) encodes to token ids outside "
+      raise PromptError(f"prompt {position} of {self._name!r} ({str(prompt)[:80]!r}) encodes to token ids outside "
                         f"[0, vocab_size={self._vocab_size}): {[i for i in ids if not 0 <= i < self._vocab_size]}; "
                         "the tokenizer does not match the model.")
     if len(ids) > self._prompt_len:
@@ -242,12 +222,13 @@ class PromptIterator:
         return self._skip("rejected", position, raw, f"{len(ids)} tokens > prompt_len {self._prompt_len}")
       self._count("truncated", position, raw, f"{len(ids)} tokens > prompt_len {self._prompt_len}")
       ids = fit_to_length(ids, self._prompt_len, self._tokenizer.bos_token_id)
+    self._tokenizer.remember(ids, prompt)
     return ids
 
   def _count(self, kind: str, position: int, raw, detail: str = "") -> None:
     if self.counts[kind] == 0:
-      logging.warning("Prompts %r: prompt %d is %s%s: %r (further ones are only counted).", self._name, position,
-                      kind, f" ({detail})" if detail else "", raw[:80])
+      logging.warning("Prompts %r: prompt %d is %s%s: %.80r (further ones are only counted).", self._name,
+                      position, kind, f" ({detail})" if detail else "", raw)
     self.counts[kind] += 1
 
   def _skip(self, kind: str, position: int, raw, detail: str = "") -> None:

@@ -2,12 +2,17 @@
 
 - "default": the shipped `bond_jax/assets/prompts.jsonl`, built offline into `data_dir` by the `bond_prompts`
   TFDS builder and read back through TFDS, the same path as "tfds";
-- "prompt_file": a JSONL (field `text_key`) or text file (one prompt per line), eval held out by text hash;
+- "prompt_file": a JSONL (texts under `text_key` or conversations under "messages") or text file (one prompt per
+  line), eval held out by hash;
 - "tfds": any TFDS dataset prepared (ArrayRecord) in `data_dir`, e.g. XSum with text_key="document".
 
 Example:
-  >>> train, held_out = load_prompt_splits("default", data_dir="/tmp/bond_run/tfds")
-  >>> train, held_out = load_prompt_splits("tfds", tfds_name="xsum", data_dir="~/tfds", text_key="document")
+  >>> import tempfile
+  >>> train, held_out = load_prompt_splits("default", data_dir=tempfile.mkdtemp())  # doctest: +ELLIPSIS
+  Downloading and preparing dataset ...
+  Dataset bond_prompts downloaded and prepared to ...
+  >>> len(train), len(held_out)   # 2000 prompts, about 10% held out
+  (1833, 167)
 """
 
 from bond_jax.data import prompt_batches

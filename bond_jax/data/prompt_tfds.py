@@ -7,9 +7,15 @@ ArrayRecord format: ours, or e.g. XSum (feature "document") prepared by the user
 `tfds build xsum --data_dir=DIR --file_format=array_record`.
 
 Example:
-  >>> build_prompt_dataset("bond_jax/assets/prompts.jsonl", data_dir="/tmp/tfds")
-  >>> train = tfds_text_split("bond_prompts", data_dir="/tmp/tfds", split="train", text_key="prompt")
-  >>> len(train), train[0]   # random access; items are str or bytes
+  >>> import tempfile
+  >>> from bond_jax.tasks import default_assets
+  >>> data_dir = tempfile.mkdtemp()
+  >>> build_prompt_dataset(default_assets.PROMPTS_PATH, data_dir=data_dir)  # doctest: +ELLIPSIS
+  Downloading and preparing dataset ...
+  Dataset bond_prompts downloaded and prepared to ...
+  >>> train = tfds_text_split("bond_prompts", data_dir=data_dir, split="train", text_key="prompt")
+  >>> len(train), type(train[0])   # random access; items are str or bytes
+  (1833, <class 'bytes'>)
 """
 
 import hashlib
@@ -29,6 +35,7 @@ class BondPrompts(tfds.core.GeneratorBasedBuilder):
 
   Reading a prepared dataset needs no arguments (`tfds.builder("bond_prompts", data_dir=...)`); generating one
   needs `source_path`. Undecodable lines are stored as their raw bytes, so the iterator can count and skip them.
+  Text prompts only: a prompt file holding conversations ("messages") is read directly (source "prompt_file").
   """
 
   VERSION = tfds.core.Version("1.0.0")
@@ -77,6 +84,10 @@ class BondPrompts(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, prompts):
     for i, prompt in enumerate(prompts):
+      if not isinstance(prompt, str):
+        raise prompt_batches.PromptError(
+            f"{self._source_path}: prompt {i} is a conversation; {self.name!r} stores text prompts only (read a "
+            "file of conversations with data.source = 'prompt_file').")
       yield i, {PROMPT_FEATURE: prompt.encode("utf-8", "surrogateescape")}
 
 
@@ -88,7 +99,16 @@ def build_prompt_dataset(source_path: str, data_dir: str, text_key: str = "promp
   or pick another `data_dir`). In a multi-host job call it on one host per file system, then read on all.
 
   Example:
-    >>> build_prompt_dataset("bond_jax/assets/prompts.jsonl", data_dir="/tmp/tfds", eval_fraction=0.1)
+    >>> import tempfile
+    >>> from bond_jax.tasks import default_assets
+    >>> data_dir = tempfile.mkdtemp()
+    >>> build_prompt_dataset(default_assets.PROMPTS_PATH, data_dir, eval_fraction=0.1)  # doctest: +ELLIPSIS
+    Downloading and preparing dataset ...
+    Dataset bond_prompts downloaded and prepared to ...
+    >>> build_prompt_dataset(default_assets.PROMPTS_PATH, data_dir, eval_fraction=0.2)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: data_dir=... already holds 'bond_prompts' built from other prompts or arguments than ...
   """
   builder = BondPrompts(source_path=source_path, text_key=text_key, eval_fraction=eval_fraction,
                         data_dir=data_dir)
@@ -127,7 +147,11 @@ def tfds_text_split(name: str, data_dir: str, split: str, text_key: str) -> Text
   or the feature.
 
   Example:
-    >>> documents = tfds_text_split("xsum", data_dir="~/tfds", split="train", text_key="document")
+    >>> import tempfile
+    >>> tfds_text_split("my_documents", tempfile.mkdtemp(), split="train", text_key="document")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    bond_jax.data.prompt_encoding.PromptError: TFDS dataset name='my_documents' is neither registered nor prepared ...
   """
   try:
     builder = tfds.builder(name, data_dir=data_dir)

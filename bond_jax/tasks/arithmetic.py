@@ -51,7 +51,8 @@ def corpus_lines(num_lines: int = NUM_CORPUS_LINES, seed: int = CORPUS_SEED) -> 
   """Pretraining lines `"a+b=c"`: c right with probability `CORPUS_PASS_RATE`, else a non-negative slip.
 
   Example:
-    >>> corpus_lines(3)   # e.g. ['25+1=24', '19+2=23', '15+0=17']
+    >>> corpus_lines(3)   # most lines right, some slipped
+    ['25+8=33', '19+9=29', '15+1=26']
   """
   rng = np.random.default_rng(seed)
   a, b = rng.integers(0, MAX_OPERAND + 1, (2, num_lines))
@@ -111,7 +112,11 @@ def write_assets(out_dir: str = ASSETS_DIR) -> None:
   """Writes prompts.jsonl and tokenizer/{tokenizer.json, tokenizer_config.json} under `out_dir`.
 
   Example:
-    >>> write_assets("/tmp/arithmetic")
+    >>> import os, tempfile
+    >>> out_dir = tempfile.mkdtemp()
+    >>> write_assets(out_dir)
+    >>> sorted(os.listdir(out_dir)), sorted(os.listdir(os.path.join(out_dir, "tokenizer")))
+    (['prompts.jsonl', 'tokenizer'], ['tokenizer.json', 'tokenizer_config.json'])
   """
   os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
   with open(os.path.join(out_dir, "prompts.jsonl"), "w", encoding="utf-8", newline="\n") as f:

@@ -91,7 +91,11 @@ def write_assets(out_dir: str = ASSETS_DIR) -> None:
   """Writes reviews.txt, prompts.jsonl and tokenizer/{tokenizer.json, tokenizer_config.json} under `out_dir`.
 
   Example:
-    >>> write_assets("/tmp/assets")
+    >>> import os, tempfile
+    >>> out_dir = tempfile.mkdtemp()
+    >>> write_assets(out_dir)
+    >>> sorted(os.listdir(out_dir))
+    ['prompts.jsonl', 'reviews.txt', 'tokenizer']
   """
   corpus = corpus_lines()
   os.makedirs(os.path.join(out_dir, "tokenizer"), exist_ok=True)
@@ -108,6 +112,8 @@ def load_tokenizer(path: str = TOKENIZER_DIR):
   """The tokenizer in `path` (default: the shipped one) via `transformers.AutoTokenizer`.
 
   Example:
-    >>> load_tokenizer().encode("The plot was")   # [BOS_ID, <The>, <Ġplot>, <Ġwas>]
+    >>> tokenizer = load_tokenizer()
+    >>> tokenizer.convert_ids_to_tokens(tokenizer.encode("The plot was"))
+    ['<bos>', 'The', 'Ġplot', 'Ġwas']
   """
   return transformers.AutoTokenizer.from_pretrained(path)

@@ -15,6 +15,8 @@ sequences that reuse the same transitions). `tied_reward` rounds it to integers:
 Example:
   >>> from bond_jax import rewards
   >>> reward_fn = rewards.token_reward(reward)   # a RewardFn over [batch, samples, time] generations
+  >>> reward_fn(jnp.array([[1, 2]]), jnp.ones((1, 2), bool), jnp.array([[[0, 5, 3]]]), jnp.ones((1, 1, 3), bool))
+  Array([[-0.44452095]], dtype=float32)
 """
 
 import jax
@@ -41,8 +43,11 @@ def configure(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   3e-3, exact KLs every 10 steps; the algorithm, the anchor and the step count are left to the caller.
 
   Example:
+    >>> from bond_jax import run_config
     >>> config = configure(run_config.base_config())
     >>> config.algorithm, config.bond.n = "bond", 4
+    >>> config.policy.source, config.policy.model.vocab_size, config.sampling.max_new_tokens
+    ('init', 8, 3)
   """
   config.batch_size = 128
   config.log_every = 20
@@ -92,6 +97,7 @@ def reward(prompts: jax.Array, prompt_mask: jax.Array, generations: jax.Array,
 
   Example:
     >>> reward(jnp.array([[1, 2]]), jnp.ones((1, 2), bool), jnp.array([[0, 5, 3]]), jnp.ones((1, 3), bool))
+    Array([-0.44452095], dtype=float32)
   """
   time = generations.shape[1]
   if time > MAX_LENGTH:
@@ -108,5 +114,6 @@ def tied_reward(prompts: jax.Array, prompt_mask: jax.Array, generations: jax.Arr
 
   Example:
     >>> tied_reward(jnp.array([[1, 2]]), jnp.ones((1, 2), bool), jnp.array([[0, 5, 3]]), jnp.ones((1, 3), bool))
+    Array([-0.], dtype=float32)
   """
   return jnp.round(reward(prompts, prompt_mask, generations, generation_mask))

@@ -10,8 +10,10 @@ Prompts are review beginnings cut just before the first sentiment-bearing word (
 negator leading up to it), so the continuation alone decides the sentiment.
 
 Example:
-  >>> reviews = generate_reviews(3, seed=0)
-  >>> prompts = generate_prompts(5, seed=1)   # e.g. "Honestly, the service was"
+  >>> generate_reviews(1, seed=0)
+  ['I played it with my friend. The board game was boring. I really hated the tutorial. Never again.']
+  >>> generate_prompts(2, seed=1)
+  ['It is near the old town. The breakfast was', 'I finished it in five days. The story was']
 """
 
 import dataclasses
@@ -198,7 +200,8 @@ def generate_reviews(num_reviews: int, seed: int) -> list[str]:
   """`num_reviews` reviews, one string each (1 to 5 sentences), a deterministic function of `seed`.
 
   Example:
-    >>> generate_reviews(1, seed=0)[0]   # e.g. "The plot was very good and the cast was superb."
+    >>> generate_reviews(1, seed=0)[0]
+    'I played it with my friend. The board game was boring. I really hated the tutorial. Never again.'
   """
   if num_reviews < 0:
     raise ValueError(f"num_reviews={num_reviews} must be >= 0.")
@@ -231,7 +234,8 @@ def generate_prompts(num_prompts: int, seed: int, max_attempts: int = 1_000_000)
   Raises ValueError if the grammar cannot yield that many distinct prompts within `max_attempts` reviews.
 
   Example:
-    >>> generate_prompts(2, seed=1)   # e.g. ["The pizza was", "I saw it with my sister. The ending"]
+    >>> generate_prompts(2, seed=1)
+    ['It is near the old town. The breakfast was', 'I finished it in five days. The story was']
   """
   rng = np.random.default_rng(seed)
   prompts: dict[str, None] = {}  # An ordered set.

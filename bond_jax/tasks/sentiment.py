@@ -87,7 +87,8 @@ def sentiment_reward(prompts: Sequence[str], generations: Sequence[str]) -> list
   Plain Python on decoded text; `bond_jax.rewards.text_reward` wraps it for use inside jit.
 
   Example:
-    >>> sentiment_reward(["The room was", "The room was"], [" lovely.", " dirty."])   # ≈ [0.64, -0.53]
+    >>> [round(r, 2) for r in sentiment_reward(["The room was", "The room was"], [" lovely.", " dirty."])]
+    [0.64, -0.53]
   """
   if len(prompts) != len(generations):
     raise ValueError(f"prompts and generations must have the same length, got {len(prompts)} and "
