@@ -2,8 +2,10 @@
 
 Per prompt, the reference draws two pools of `num_ref_samples`: the first picks the Best-of-N samples, the second
 is a fresh reference against which every quantile is measured (so Best-of-N is never ranked against its own
-candidates). Every sample is drawn at the run's sampling temperature, and the KL estimate uses the log-probs of
-those tempered distributions (docs/method.md, "Which distributions the estimates refer to"). Quantiles are mid-ranks, `(p_lt + p_le) / 2`: a reference sample scores 1/2 in expectation even
+candidates). Every sample is drawn at the run's sampling temperature, and `KL(π || π_ref)` is that of the tempered
+distributions (docs/method.md, "Which distributions the estimates refer to"), estimated on the policy's samples
+by the sum of the exact KLs of the next-token distributions along each sample (`sampling.generation_kl`), an
+unbiased estimate of far lower variance than the k1 estimate `log π(y) - log π_ref(y)`. Quantiles are mid-ranks, `(p_lt + p_le) / 2`: a reference sample scores 1/2 in expectation even
 when rewards tie, and Best-of-N scores `N/(N+1)` in expectation when they don't (`bon_expected_quantile`).
 """
 
@@ -14,7 +16,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bond_jax import kl
 from bond_jax import quantiles
 from bond_jax import sampling
 from bond_jax.models.config import ModelConfig
@@ -41,7 +42,8 @@ def make_eval_step(config: ml_collections.ConfigDict, model_config: ModelConfig,
   """Builds `eval_step(params, ref_params, batch, rng) -> metrics` (pure; jit it).
 
   Metrics (scalars): `reward/{policy,reference,bon_N}`, `quantile/{policy,reference,bon_N}` (against the fresh
-  reference pool), `win_rate/vs_reference`, `win_rate/vs_bon_N`, `kl/policy_ref` (k1 on policy samples), for
+  reference pool), `win_rate/vs_reference`, `win_rate/vs_bon_N`, `kl/policy_ref` (`sampling.generation_kl` on
+  policy samples), for
   each N in `config.eval.bon_ns`.
 
   Example:
@@ -61,16 +63,15 @@ def make_eval_step(config: ml_collections.ConfigDict, model_config: ModelConfig,
     policy_rewards = reward_fn(prompts, prompt_mask, policy_out.tokens, policy_out.mask)
     ref_rewards = reward_fn(prompts, prompt_mask, ref_out.tokens, ref_out.mask)
     pool, fresh = ref_rewards[:, :k], ref_rewards[:, k:]
-    log_probs = lambda p: sampling.sample_log_probs(p, model_config, prompts, prompt_mask, policy_out,  # noqa: E731
-                                                    policy_sampling)
-    policy_log_probs, ref_log_probs = log_probs(params), log_probs(ref_params)
+    kl_to_ref = sampling.generation_kl(params, ref_params, model_config, prompts, prompt_mask, policy_out.tokens,
+                                       policy_out.mask, policy_sampling)
     metrics = {
         "reward/policy": jnp.mean(policy_rewards),
         "reward/reference": jnp.mean(pool),
         "quantile/policy": jnp.mean(mid_quantile(policy_rewards, fresh)),
         "quantile/reference": jnp.mean(mid_quantile(pool, fresh)),
         "win_rate/vs_reference": win_rate(policy_rewards, fresh),
-        "kl/policy_ref": jnp.mean(kl.kl_k1(policy_log_probs, ref_log_probs)),
+        "kl/policy_ref": jnp.mean(kl_to_ref),
     }
     for n in bon_ns:
       best = jnp.max(pool[:, :n], axis=-1, keepdims=True)

@@ -341,14 +341,69 @@ def generation_log_probs(params: Params, model_config: ModelConfig, prompts: jax
   chex.assert_equal_shape([tokens, mask])
   chex.assert_equal_shape_prefix([prompts, tokens], 1)
   batch, samples, time = tokens.shape
-  # Every generated token but the last is fed back: the prompt's last token predicts the first, and so on.
-  logits = outputs_after_prompts(params, model_config, prompts, prompt_mask, tokens[..., :-1], mask[..., :-1])
-  if sampling_config is not None:
-    logits = sampling_logits(logits, sampling_config)
+  logits = _predicting_logits(params, model_config, prompts, prompt_mask, tokens, mask, sampling_config)
   flat_tokens, flat_mask = tokens.reshape(-1, time), mask.reshape(-1, time).astype(bool)
   token_logits = jnp.take_along_axis(logits, flat_tokens[..., None], axis=-1)[..., 0]
   log_probs = token_logits - jax.nn.logsumexp(logits, axis=-1)
   return jnp.where(flat_mask, log_probs, 0.0).reshape(batch, samples, time)
+
+
+def _predicting_logits(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
+                       tokens: jax.Array, mask: jax.Array, sampling_config: SamplingConfig | None) -> jax.Array:
+  """`[batch * samples, time, vocab]` logits predicting each token of `tokens`, of the sampling distribution."""
+  # Every generated token but the last is fed back: the prompt's last token predicts the first, and so on.
+  logits = outputs_after_prompts(params, model_config, prompts, prompt_mask, tokens[..., :-1], mask[..., :-1])
+  return logits if sampling_config is None else sampling_logits(logits, sampling_config)
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "sampling_config"))
+def generation_kl(params: Params, other_params: Params, model_config: ModelConfig, prompts: jax.Array,
+                  prompt_mask: jax.Array, tokens: jax.Array, mask: jax.Array,
+                  sampling_config: SamplingConfig | None = None) -> jax.Array:
+  """`Σ_t KL(π(·|x, y_<t) || π'(·|x, y_<t))` over each sample's positions: a Rao-Blackwellised estimate of the
+  sequence `KL(π || π')` from samples `y ~ π`.
+
+  By the chain rule of KL its expectation over `y ~ π` is the KL between the two distributions over whole
+  generations (up to a stop token or the length limit), as for the k1 estimate `log π(y) - log π'(y)`
+  (`kl.kl_k1`); but each position contributes the exact KL of its next-token distributions rather than one
+  sample of it, so its variance is far smaller (zero for a one-token generation). Both models score under the
+  same sampling distribution (`sampling_config`: its temperature; see `generation_log_probs`).
+
+  Args:
+    params: π's parameters (the distribution the samples were drawn from).
+    other_params: π''s parameters, same model config.
+    model_config: the model config (static).
+    prompts: `[batch, prompt_len]` int32, left- or right-padded.
+    prompt_mask: `[batch, prompt_len]` bool.
+    tokens: `[batch, samples, time]` int32 samples of π.
+    mask: `[batch, samples, time]` bool, True for generated tokens up to and including the stop token.
+    sampling_config: the sampler's config (static), or None for the models' own distributions.
+
+  Returns:
+    `[batch, samples]` float32, in nats; +inf where π' gives probability 0 to a token π can draw.
+
+  Example:
+    >>> from bond_jax.models import config as model_config_lib, transformer
+    >>> cfg = model_config_lib.tiny(vocab_size=8)
+    >>> p, q = (transformer.init_params(cfg, jax.random.key(seed)) for seed in (0, 1))
+    >>> prompts, prompt_mask = jnp.array([[1, 2]]), jnp.ones((1, 2), bool)
+    >>> one_token = SamplingConfig(max_new_tokens=1, num_samples=3)
+    >>> out = sample(p, prompts, prompt_mask, jax.random.key(2), one_token, cfg)
+    >>> kl = generation_kl(p, q, cfg, prompts, prompt_mask, out.tokens, out.mask, one_token)
+    >>> bool(jnp.all(kl == kl[0, 0]))   # one token: the exact KL of the first-token distributions, every sample
+    True
+  """
+  chex.assert_rank([prompts, prompt_mask, tokens, mask], [2, 2, 3, 3])
+  chex.assert_equal_shape([tokens, mask])
+  batch, samples, time = tokens.shape
+  log_p, log_q = (jax.nn.log_softmax(_predicting_logits(p, model_config, prompts, prompt_mask, tokens, mask,
+                                                        sampling_config), axis=-1)
+                  for p in (params, other_params))
+  probs = jnp.exp(log_p)
+  # Tokens π never draws add nothing, whatever π' gives them (0 * -inf would be NaN).
+  per_position = jnp.sum(jnp.where(probs > 0, probs * (log_p - log_q), 0.0), axis=-1)
+  per_position = jnp.where(mask.reshape(-1, time).astype(bool), per_position, 0.0)
+  return jnp.sum(per_position, axis=-1).reshape(batch, samples)
 
 
 def make_sampling_config(settings, model_config: ModelConfig, num_samples: int) -> SamplingConfig:

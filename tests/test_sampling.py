@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bond_jax.models import forward, init_params, positions_from_mask, tiny
-from bond_jax.sampling import SamplingConfig, generation_log_probs, to_left_padding, sample
+from bond_jax.sampling import SamplingConfig, generation_kl, generation_log_probs, sample, to_left_padding
 
 MODEL = tiny(vocab_size=32)  # 4 query heads on 2 kv heads
 PAD = 31
@@ -191,3 +191,21 @@ def test_generation_log_probs_score_the_sampling_distribution(params, temperatur
   out = sample(params, PROMPTS, PROMPT_MASK, jax.random.key(3), config, MODEL)
   np.testing.assert_allclose(generation_log_probs(params, MODEL, PROMPTS, PROMPT_MASK, out.tokens, out.mask, config),
                              out.log_probs, rtol=1e-4, atol=1e-4)
+
+
+def test_generation_kl_weighted_by_sequence_probabilities_is_the_sequence_kl(params):
+  """Chain rule: over every 2-token generation y (enumerated), the expectation under π of `generation_kl` is
+  KL(π || π') between the distributions over whole generations."""
+  other = jax.tree.map(lambda x: 0.7 * x, params)
+  config = SamplingConfig(max_new_tokens=2, temperature=0.8)
+  vocab = MODEL.vocab_size
+  every = jnp.stack(jnp.meshgrid(jnp.arange(vocab), jnp.arange(vocab), indexing="ij"), -1).reshape(1, -1, 2)
+  mask = jnp.ones(every.shape, bool)
+  prompts, prompt_mask = PROMPTS[:1], PROMPT_MASK[:1]
+  log_p, log_q = (generation_log_probs(p, MODEL, prompts, prompt_mask, every, mask, config).sum(-1)
+                  for p in (params, other))
+  np.testing.assert_allclose(jnp.exp(log_p).sum(), 1.0, rtol=1e-4)
+  sequence_kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q))
+  kl = generation_kl(params, other, MODEL, prompts, prompt_mask, every, mask, config)
+  np.testing.assert_allclose(jnp.sum(jnp.exp(log_p) * kl), sequence_kl, rtol=1e-4)
+  assert float(jnp.std(kl)) > 0.01  # Per sample it varies: the identity holds in expectation, not per sample.

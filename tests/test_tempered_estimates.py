@@ -78,7 +78,9 @@ def test_evaluation_kl_is_that_of_the_tempered_distributions(models, temperature
   assert temperature != 0.25 or kl > 0.1  # At T = 0.25, scoring at T = 1 would give a negative number here.
   metrics = jax.jit(evaluation.make_eval_step(_config("jbond", temperature), MODEL, ZERO_REWARD))(
       *models, BATCH_INPUTS, jax.random.PRNGKey(1))
-  _assert_estimates(float(metrics["kl/policy_ref"]), kl, std, BATCH * evaluation.NUM_POLICY_SAMPLES)
+  # Evaluation sums the exact KLs of the next-token distributions: exact for a one-token generation.
+  np.testing.assert_allclose(float(metrics["kl/policy_ref"]), kl, rtol=1e-4)
+  del std
 
 
 @pytest.mark.parametrize("algorithm,kl_metric", [
