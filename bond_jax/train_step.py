@@ -67,8 +67,8 @@ def sampling_config(config: ml_collections.ConfigDict, model_config: ModelConfig
       temperature=config.sampling.temperature,
       top_k=config.sampling.top_k,
       top_p=config.sampling.top_p,
-      eos_token_id=model_config.eos_token_id,
-      pad_token_id=model_config.pad_token_id,
+      stop_token_ids=model_config.stop_token_ids,
+      pad_token_id=sampling.fill_token_id(model_config),
   )
 
 

@@ -86,7 +86,7 @@ def reference_pass_rates(config: dict, num_samples: int) -> np.ndarray:
     tokens[i, :len(ids)] = ids
   sample_config = sampling.SamplingConfig(
       max_new_tokens=config["sampling"]["max_new_tokens"], num_samples=num_samples, temperature=1.0, top_k=0,
-      top_p=1.0, eos_token_id=model_config.eos_token_id, pad_token_id=model_config.pad_token_id)
+      top_p=1.0, stop_token_ids=model_config.stop_token_ids, pad_token_id=sampling.fill_token_id(model_config))
   out = jax.jit(lambda p, t, m: sampling.sample(p, t, m, jax.random.PRNGKey(0), sample_config, model_config))(
       params, tokens, tokens != model_config.pad_token_id)
   generated, mask = np.asarray(out.tokens), np.asarray(out.mask)
