@@ -171,6 +171,9 @@ def test_sharded_and_bfloat16_checkpoints(reference, tmp_path):
 
   bf16_model = hf_reference.hf_model("llama", "lm").to(torch.bfloat16)
   bf16_model.save_pretrained(tmp_path / "bf16")
+  # Weights in another layout beside the HF ones (as Mistral ships consolidated.safetensors): not the model's.
+  save_file({"layers.0.attention.wq.weight": np.zeros((2, 2), np.float32)},
+            tmp_path / "bf16" / "consolidated.safetensors")
   as_bf16, config = hf.load_checkpoint(tmp_path / "bf16", dtype="bfloat16")
   assert config.dtype == config.param_dtype == "bfloat16"
   assert {x.dtype for x in jax.tree.leaves(as_bf16)} == {jax.numpy.dtype("bfloat16")}

@@ -486,19 +486,21 @@ def _tensor_specs(config: ModelConfig) -> dict[str, _TensorSpec]:
 
 
 def _weight_files(path: str) -> dict[str, str]:
-  """Tensor name -> safetensors file holding it, for a checkpoint directory."""
+  """Tensor name -> safetensors file holding it, for a checkpoint directory.
+
+  As ``from_pretrained`` reads them: the files of ``model.safetensors.index.json`` if there is one, else
+  ``model.safetensors``; other ``*.safetensors`` files (e.g. Mistral's ``consolidated.safetensors``) are not the
+  model's.
+  """
   index_file = os.path.join(path, WEIGHTS_INDEX_FILE)
   if os.path.exists(index_file):
     with open(index_file) as f:
       return {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}
-  files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
-  if not files:
-    raise FileNotFoundError(f"No *.safetensors weights in checkpoint directory {path!r}.")
-  names = {}
-  for file in files:
-    with safe_open(file, framework="numpy") as f:
-      names.update({name: file for name in f.keys()})
-  return names
+  file = os.path.join(path, WEIGHTS_FILE)
+  if not os.path.exists(file):
+    raise FileNotFoundError(f"Checkpoint directory {path!r} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}.")
+  with safe_open(file, framework="numpy") as f:
+    return {name: file for name in f.keys()}
 
 
 def _read(source: tuple[str, str]) -> np.ndarray:
