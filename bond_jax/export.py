@@ -93,8 +93,7 @@ def restore_run_policy(workdir: str, step: int | None = None) -> tuple[Any, Mode
     checkpointing.CheckpointMismatchError / UnreadableCheckpointError: the checkpoint does not fit the run's policy,
       or cannot be read.
 
-  Example:
-    >>> params, model_config, tokenizer, step = restore_run_policy("/tmp/bond_default")   # doctest: +SKIP
+  `experiments/export.py` is the example: `export_policy(*restore_run_policy(workdir)[:3], out_dir)`.
   """
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):

@@ -434,7 +434,7 @@ class _TensorSpec:
 def _tensor_specs(config: ModelConfig) -> dict[str, _TensorSpec]:
   """HF tensor name -> _TensorSpec for every parameter of ``config``'s model."""
   d, h, kv, hd, f = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim, config.mlp_dim
-  fused = FAMILIES[config.family].fused if config.family in FAMILIES else False
+  fused = FAMILIES[config.family].fused
   specs = {}
 
   def add(hf_name, hf_shape, parts, transpose=True):
