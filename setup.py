@@ -30,7 +30,7 @@ setuptools.setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "safetensors>=0.4",
-        "transformers>=4.45",
+        "transformers>=5.0",  # config.json is read through its config classes (rope_parameters, layer_types)
         "tensorflow-datasets>=4.9.7",
         "array-record>=0.5",
         "tensorboardX>=2.6",

@@ -106,7 +106,7 @@ def main():
         f"copy {bandwidth / 1e12:.2f} TB/s (measured)", flush=True)
 
   mc = ModelConfig(max_seq_len=args.prompt_len + args.new_tokens, tie_embeddings=True, dtype="bfloat16",
-                   pad_token_id=0, eos_token_id=None, **SHAPES[args.shape])
+                   pad_token_id=0, **SHAPES[args.shape])
   config = run_config.base_config()
   config.batch_size = args.batch
   config.data.prompt_len = args.prompt_len

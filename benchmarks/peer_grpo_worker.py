@@ -109,7 +109,7 @@ def run_tunix(args, prompts: list[str], reward) -> dict:
       num_layers=hf_config["num_hidden_layers"], vocab_size=hf_config["vocab_size"],
       embed_dim=hf_config["hidden_size"], hidden_dim=hf_config["intermediate_size"],
       num_heads=hf_config["num_attention_heads"], head_dim=hf_config["head_dim"],
-      num_kv_heads=hf_config["num_key_value_heads"], rope_theta=hf_config["rope_theta"],
+      num_kv_heads=hf_config["num_key_value_heads"], rope_theta=hf_config["rope_parameters"]["rope_theta"],
       norm_eps=hf_config["rms_norm_eps"], weight_tying=hf_config["tie_word_embeddings"])
   mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   hf_tokenizer = transformers.AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True)

@@ -94,7 +94,7 @@ def main():
     params, config = hf.load_checkpoint(path)
   num_params = sum(x.size for x in jax.tree.leaves(params))
   prompt_len, new_tokens, repeats = settings["prompt_len"], settings["new_tokens"], settings["repeats"]
-  sampling_config = sampling.SamplingConfig(max_new_tokens=new_tokens, greedy=True, eos_token_id=None)
+  sampling_config = sampling.SamplingConfig(max_new_tokens=new_tokens, greedy=True)
 
   peak_flops, peak_bandwidth = machine_peaks(repeats)
   print(f"model: {num_params / 1e6:.1f}M params ({settings}); JAX device: {jax.devices()[0].device_kind}, "

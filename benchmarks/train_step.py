@@ -89,7 +89,7 @@ def matmul_flops_per_s(repeats: int, n: int = 2048, dtype=jnp.float32) -> float:
 def model_config(shape: str, tokenizer) -> ModelConfig:
   return ModelConfig(vocab_size=len(tokenizer), max_seq_len=64, tie_embeddings=True,
                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                     eos_token_id=tokenizer.eos_token_id, **SHAPES[shape])
+                     stop_token_ids=(tokenizer.eos_token_id,), **SHAPES[shape])
 
 
 def exact_length_prompts(tokenizer, batch: int, prompt_len: int) -> tuple[list[str], np.ndarray]:
@@ -259,7 +259,7 @@ def time_best_of_n(mc, params, reward_fn, batch, new_tokens: int, ns: list[int],
   """Seconds to draw `n` samples per prompt, score them and pick the best, for each n in `ns`."""
   seconds = {}
   for n in ns:
-    config = sampling.SamplingConfig(max_new_tokens=new_tokens, num_samples=n, eos_token_id=mc.eos_token_id,
+    config = sampling.SamplingConfig(max_new_tokens=new_tokens, num_samples=n, stop_token_ids=mc.stop_token_ids,
                                      pad_token_id=mc.pad_token_id)
 
     @jax.jit

@@ -60,10 +60,10 @@ def distinct_prompts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def check_enumerable(config: ml_collections.ConfigDict, model_config: ModelConfig) -> int:
   """The number of generations; `ConfigError` if the policy can stop early (EOS) or there are too many."""
-  if model_config.eos_token_id is not None:
+  if model_config.stop_token_ids:
     raise run_config.ConfigError(
         f"config.exact.every = {config.exact.every} is not allowed: expected 0 for a policy with an EOS token "
-        f"(id {model_config.eos_token_id}); the exact oracle enumerates generations of exactly max_new_tokens.")
+        f"(ids {model_config.stop_token_ids}); the exact oracle enumerates generations of exactly max_new_tokens.")
   try:
     return exact_oracle.num_generations(model_config.vocab_size, config.sampling.max_new_tokens)
   except ValueError as e:

@@ -128,7 +128,7 @@ def reward_model(params, model_config: ModelConfig) -> RewardFn:
 
   Example:
     >>> from bond_jax.models import config, transformer
-    >>> rm_config = config.tiny(head="score", pad_token_id=2, eos_token_id=2)
+    >>> rm_config = config.tiny(head="score", pad_token_id=2, stop_token_ids=(2,))
     >>> reward_fn = reward_model(transformer.init_params(rm_config, jax.random.PRNGKey(0)), rm_config)
     >>> score = jax.jit(lambda reward_fn, *batch: reward_fn(*batch))
     >>> prompts, prompt_mask = jnp.array([[1, 5, 6]]), jnp.ones((1, 3), bool)

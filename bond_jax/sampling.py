@@ -1,7 +1,7 @@
 """Batched autoregressive sampling with a KV cache, and the differentiable log-probs of its generations.
 
 `sample` pre-fills the cache once per prompt, copies it `num_samples` times, then decodes one token of every
-sequence per step in a `lax.while_loop` that stops when all sequences have emitted EOS. Prompts may be left-
+sequence per step in a `lax.while_loop` that stops when every sequence has emitted a stop id. Prompts may be left-
 or right-padded (any mix): they are moved to left padding internally (`to_left_padding`), so generation always
 starts right after a row's last real token.
 
@@ -44,11 +44,13 @@ class SamplingConfig:
     top_k: keep the k most likely tokens (0 = off); ties at the k-th logit are all kept.
     top_p: keep the smallest most-likely set whose probability reaches top_p (1.0 = off), after top-k.
     greedy: take the argmax of the raw logits (temperature, top-k and top-p are then ignored).
-    eos_token_id: stop a sequence after this token (None = never stop early).
-    pad_token_id: fills the positions after EOS.
+    stop_token_ids: a sequence stops after any of these tokens, emitted included (empty = never stop early); as
+      `generate` stops on every `eos_token_id`, pass the model's `ModelConfig.stop_token_ids`.
+    pad_token_id: fills the positions after a stop.
 
   Example:
-    >>> SamplingConfig(max_new_tokens=64, num_samples=4, temperature=0.7, eos_token_id=1)
+    >>> SamplingConfig(max_new_tokens=64, num_samples=4, temperature=0.7, stop_token_ids=(1, 107)).stop_token_ids
+    (1, 107)
   """
 
   max_new_tokens: int
@@ -57,7 +59,7 @@ class SamplingConfig:
   top_k: int = 0
   top_p: float = 1.0
   greedy: bool = False
-  eos_token_id: int | None = None
+  stop_token_ids: tuple[int, ...] = ()
   pad_token_id: int = 0
 
   def __post_init__(self):
@@ -72,16 +74,32 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.top_k must be an int >= 0 (0 = off), got {self.top_k!r}.")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"SamplingConfig.top_p must lie in (0, 1] (1 = off), got {self.top_p!r}.")
+    if not (isinstance(self.stop_token_ids, tuple) and all(isinstance(i, int) for i in self.stop_token_ids)):
+      raise ValueError(f"SamplingConfig.stop_token_ids must be a tuple of ints, got {self.stop_token_ids!r}.")
+
+
+def fill_token_id(model_config: ModelConfig) -> int:
+  """The id to fill a sequence with after its stop: as `generate` fills finished sequences, the model's declared
+  pad id, else its first stop id (else 0: a model that never stops leaves nothing to fill).
+
+  Example:
+    >>> from bond_jax.models import tiny
+    >>> fill_token_id(tiny(stop_token_ids=(2, 7))), fill_token_id(tiny(stop_token_ids=(2, 7), pad_token_id=0))
+    (2, 0)
+  """
+  if model_config.pad_token_id is not None:
+    return model_config.pad_token_id
+  return model_config.stop_token_ids[0] if model_config.stop_token_ids else 0
 
 
 class SampleOutput(NamedTuple):
   """Generations of `sample`.
 
   Attributes:
-    tokens: `[batch, samples, time]` int32, pad after EOS.
+    tokens: `[batch, samples, time]` int32, `pad_token_id` after a stop.
     log_probs: `[batch, samples, time]` float32, log-prob of each token under the sampling distribution
       (after temperature / top-k / top-p; 0 for greedy, whose distribution is a point mass; 0 where masked).
-    mask: `[batch, samples, time]` bool, True for generated tokens up to and including EOS.
+    mask: `[batch, samples, time]` bool, True for generated tokens up to and including the stop token.
   """
 
   tokens: jax.Array
@@ -150,7 +168,7 @@ class _DecodeState(NamedTuple):
   tokens: jax.Array  # [n, time]
   log_probs: jax.Array  # [n, time]
   mask: jax.Array  # [n, time]
-  done: jax.Array  # [n] bool, EOS already emitted
+  done: jax.Array  # [n] bool, a stop id already emitted
   logits: jax.Array  # [n, vocab], next-token logits
   positions: jax.Array  # [n], rotary position of the next token
   cache: Cache
@@ -199,8 +217,14 @@ def sample(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.
     `SampleOutput` with `[batch, num_samples, max_new_tokens]` tokens, log-probs and mask.
 
   Example:
+    >>> from bond_jax.models import init_params, tiny
+    >>> model_config = tiny()
+    >>> params = init_params(model_config, jax.random.key(0))
+    >>> prompts, prompt_mask = jnp.array([[0, 4, 5], [6, 7, 8]]), jnp.array([[False, True, True], [True, True, True]])
     >>> out = sample(params, prompts, prompt_mask, jax.random.key(0),
-    ...              SamplingConfig(max_new_tokens=32, num_samples=2, eos_token_id=1), model_config)
+    ...              SamplingConfig(max_new_tokens=5, num_samples=2, stop_token_ids=(1, 2)), model_config)
+    >>> out.tokens.shape, bool(out.mask[..., 0].all())
+    ((2, 2, 5), True)
   """
   chex.assert_rank([prompts, prompt_mask], 2)
   chex.assert_equal_shape([prompts, prompt_mask])
@@ -233,8 +257,8 @@ def sample(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.
     live = ~state.done
     token = jnp.where(live, token, config.pad_token_id)
     done = state.done
-    if config.eos_token_id is not None:
-      done = done | (token == config.eos_token_id)
+    if config.stop_token_ids:
+      done = done | jnp.isin(token, jnp.asarray(config.stop_token_ids, jnp.int32))
     return state._replace(
         step=state.step + 1, done=done,
         tokens=state.tokens.at[:, state.step].set(token),
@@ -284,7 +308,13 @@ def outputs_after_prompts(params: Params, model_config: ModelConfig, prompts: ja
     last token, position `t + 1` the output at token `t`; row `b * samples + s` is sample `s` of prompt `b`.
 
   Example:
-    >>> logits = outputs_after_prompts(params, model_config, prompts, prompt_mask, out.tokens, out.mask)
+    >>> from bond_jax.models import init_params, tiny
+    >>> model_config = tiny(head="score")
+    >>> params = init_params(model_config, jax.random.key(0))
+    >>> prompts, prompt_mask = jnp.array([[0, 4, 5]]), jnp.array([[False, True, True]])
+    >>> tokens, mask = jnp.array([[[9, 10], [11, 12]]]), jnp.array([[[True, True], [True, False]]])
+    >>> outputs_after_prompts(params, model_config, prompts, prompt_mask, tokens, mask).shape
+    (2, 3, 1)
   """
   batch, prompt_len = prompts.shape
   samples, time = tokens.shape[1:]
@@ -422,8 +452,8 @@ def make_sampling_config(settings, model_config: ModelConfig, num_samples: int) 
       temperature=settings.temperature,
       top_k=settings.top_k,
       top_p=settings.top_p,
-      eos_token_id=model_config.eos_token_id,
-      pad_token_id=model_config.pad_token_id,
+      stop_token_ids=model_config.stop_token_ids,
+      pad_token_id=fill_token_id(model_config),
   )
 
 

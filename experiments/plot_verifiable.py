@@ -88,7 +88,7 @@ def reference_pass_rates(config: dict, num_samples: int) -> np.ndarray:
                                              prompt_len=config["data"]["prompt_len"], name="held-out"))
   sample_config = sampling.SamplingConfig(
       max_new_tokens=config["sampling"]["max_new_tokens"], num_samples=num_samples, temperature=1.0, top_k=0,
-      top_p=1.0, eos_token_id=model_config.eos_token_id)
+      top_p=1.0, stop_token_ids=model_config.stop_token_ids)
   out = jax.jit(lambda p, t, m: sampling.sample(p, t, m, jax.random.PRNGKey(0), sample_config, model_config))(
       params, batch["prompts"], batch["prompt_mask"])
   generated, mask = np.asarray(out.tokens), np.asarray(out.mask)

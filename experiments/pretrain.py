@@ -47,7 +47,7 @@ def policy_config(tokenizer) -> ModelConfig:
   return ModelConfig(vocab_size=len(tokenizer), num_layers=4, d_model=128, num_heads=4, num_kv_heads=2,
                      head_dim=32, mlp_dim=384, max_seq_len=64, tie_embeddings=True,
                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                     eos_token_id=tokenizer.eos_token_id)
+                     stop_token_ids=(tokenizer.eos_token_id,))
 
 
 def arithmetic_policy_config(tokenizer) -> ModelConfig:
@@ -55,7 +55,7 @@ def arithmetic_policy_config(tokenizer) -> ModelConfig:
   return ModelConfig(vocab_size=len(tokenizer), num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
                      head_dim=16, mlp_dim=256, max_seq_len=16, tie_embeddings=True,
                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                     eos_token_id=tokenizer.eos_token_id)
+                     stop_token_ids=(tokenizer.eos_token_id,))
 
 
 def review_lines() -> list[str]:

@@ -65,7 +65,7 @@ def test_shipped_reference_passes_sometimes():
     ids = tokenizer.encode(prompt)
     tokens[i, :len(ids)] = ids
   config = sampling.SamplingConfig(max_new_tokens=3, num_samples=8, temperature=1.0, top_k=0, top_p=1.0,
-                                   eos_token_id=model_config.eos_token_id, pad_token_id=model_config.pad_token_id)
+                                   stop_token_ids=model_config.stop_token_ids, pad_token_id=model_config.pad_token_id)
   out = sampling.sample(params, tokens, tokens != 0, jax.random.PRNGKey(0), config, model_config)
   generated, mask = np.asarray(out.tokens), np.asarray(out.mask)
   texts = [tokenizer.decode(row[keep].tolist(), skip_special_tokens=True)

@@ -161,7 +161,7 @@ def test_exact_step_refuses_spaces_it_cannot_enumerate(tiny_policy):
   config.exact.every, config.sampling.max_new_tokens = 5, 3
   reward_fn = rewards.token_reward(enumerable.reward)
   with pytest.raises(run_config.ConfigError, match="EOS"):
-    exact_evaluation.make_exact_step(config, model_config_lib.tiny(vocab_size=8, eos_token_id=1), reward_fn)
+    exact_evaluation.make_exact_step(config, model_config_lib.tiny(vocab_size=8, stop_token_ids=(1,)), reward_fn)
   config.sampling.max_new_tokens = 7
   with pytest.raises(run_config.ConfigError, match="too many"):
     exact_evaluation.make_exact_step(config, model_config, reward_fn)

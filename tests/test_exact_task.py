@@ -61,7 +61,7 @@ def test_id_tokenizer_round_trips_and_names_bad_input():
 def test_components_of_the_exact_config(tmp_path):
   config = shipped_configs.load("exact")
   params, model_config, tokenizer = run_components.load_policy(config)
-  assert isinstance(tokenizer.tokenizer, id_tokenizer.IdTokenizer) and model_config.eos_token_id is None
+  assert isinstance(tokenizer.tokenizer, id_tokenizer.IdTokenizer) and model_config.stop_token_ids == ()
   assert model_config.vocab_size == enumerable.VOCAB_SIZE == params["embedder"]["embedding"].shape[0]
   train, held_out = run_components.load_prompts(config, tokenizer, model_config, str(tmp_path))
   for prompts in (train, held_out):

@@ -111,7 +111,7 @@ def bond_step(tiny_policy_dir):
       "algorithm": "bond", "bond.n": 4, "bond.num_anchor_samples": 16, "sampling.max_new_tokens": 12,
       "mesh_shape": (8, 1, 1)})
   model_config = ModelConfig(vocab_size=4096, num_layers=1, d_model=256, num_heads=4, num_kv_heads=2, head_dim=64,
-                             mlp_dim=512, max_seq_len=32, eos_token_id=2)
+                             mlp_dim=512, max_seq_len=32, stop_token_ids=(2,))
   ref_params = jax.eval_shape(lambda: transformer.init_params(model_config, jax.random.PRNGKey(0)))
   mesh = sharding.make_mesh(config.mesh_shape)
   return (config, mesh, *compile_train_step(config, model_config, ref_params, EVEN_TOKEN_REWARD, mesh))

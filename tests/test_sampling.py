@@ -1,4 +1,4 @@
-"""Sampler: cached log-probs vs the full forward, greedy/top-k/top-p, empirical frequencies, EOS, padding."""
+"""Sampler: cached log-probs vs the full forward, greedy/top-k/top-p, empirical frequencies, stop ids, padding."""
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +38,9 @@ def no_eos(params, row_keys):
 
 @pytest.fixture(scope="module")
 def with_eos(params, row_keys, no_eos):
-  eos = int(no_eos.tokens[0, 0, 2])  # so at least row 0, sample 0 stops by step 2
-  config = SamplingConfig(max_new_tokens=STEPS, num_samples=3, eos_token_id=eos, pad_token_id=PAD)
+  # Two stop ids, so that row 0, sample 0 stops by step 2 and row 2, sample 1 by step 3, each on a different id.
+  stop = tuple(dict.fromkeys([int(no_eos.tokens[0, 0, 2]), int(no_eos.tokens[2, 1, 3])]))
+  config = SamplingConfig(max_new_tokens=STEPS, num_samples=3, stop_token_ids=stop, pad_token_id=PAD)
   return config, sample(params, PROMPTS, PROMPT_MASK, row_keys, config, MODEL)
 
 
@@ -99,14 +100,16 @@ def test_samples_differ_and_same_key_repeats(params, row_keys, no_eos):
   np.testing.assert_array_equal(single.tokens, tokens)
 
 
-def test_eos_stops_each_sequence(no_eos, with_eos):
-  """Same keys with and without EOS: identical up to the first EOS, then pad / mask False / log-prob 0."""
+def test_stop_ids_stop_each_sequence(no_eos, with_eos):
+  """Same keys with and without stop ids: identical up to the first stop id, then pad / mask False / log-prob 0."""
   config, out = with_eos
   reference = np.asarray(no_eos.tokens)
-  is_eos = reference == config.eos_token_id
+  is_eos = np.isin(reference, config.stop_token_ids)
   first = np.where(is_eos.any(-1), is_eos.argmax(-1), STEPS)
   expected_mask = np.arange(STEPS) <= first[..., None]
   assert not expected_mask.all() and expected_mask[..., 0].all()
+  stopped_on = {int(reference[i][first[i]]) for i in np.ndindex(first.shape) if first[i] < STEPS}
+  assert stopped_on == set(config.stop_token_ids) and len(stopped_on) == 2  # sequences stopped on each id
   np.testing.assert_array_equal(out.mask, expected_mask)
   np.testing.assert_array_equal(out.tokens, np.where(expected_mask, reference, PAD))
   np.testing.assert_allclose(out.log_probs, np.where(expected_mask, no_eos.log_probs, 0.0), atol=1e-6)
@@ -172,6 +175,8 @@ def test_config_validation():
       SamplingConfig(max_new_tokens=4, **kwargs)
   with pytest.raises(ValueError, match="max_new_tokens"):
     SamplingConfig(max_new_tokens=0)
+  with pytest.raises(ValueError, match="stop_token_ids"):
+    SamplingConfig(max_new_tokens=4, stop_token_ids=[1, 2])
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.4, 0, 1.0), (0.7, 6, 1.0), (1.5, 0, 0.6)])

@@ -10,13 +10,20 @@ import pytest
 
 from bond_jax.models import (ModelConfig, cast_to_compute_dtype, forward, init_cache, init_params, positions_from_mask,
                              tiny)
+from bond_jax.models.config import Rotary
 
 CONFIGS = {
     "llama": tiny(),  # GQA (4 query heads share 2 kv heads), SwiGLU, untied head
-    "qwen2": tiny(qkv_bias=True, num_kv_heads=1, rope_theta=1000.0),
+    "qwen2": tiny(qkv_bias=True, num_kv_heads=1, rotary=Rotary(theta=1000.0)),
     "gemma2": tiny(mlp_activation="gelu_tanh", tie_embeddings=True, norm_plus_one=True, embed_scale=True,
                    post_norms=True, attn_logit_softcap=2.0, final_logit_softcap=3.0,
                    query_pre_attn_scalar=16.0),
+    # Gemma 3: per-head q/k norms, a local layer (window 3) and a global one with its own, scaled, rotary embedding.
+    "gemma3": tiny(mlp_activation="gelu_tanh", norm_plus_one=True, embed_scale=True, post_norms=True, qk_norm="head",
+                   sliding_window=(3, None),
+                   rotary=(Rotary(theta=100.0), Rotary(theta=1000.0, kind="linear", factor=4.0))),
+    # OLMo 2: norms after attention and MLP only, q/k norms over whole projections; here also a sliding window.
+    "olmo2": tiny(pre_norms=False, post_norms=True, qk_norm="projection", sliding_window=3),
     "score": tiny(head="score", num_labels=3, num_kv_heads=4),
 }
 SEQ = 8
@@ -48,11 +55,12 @@ def numpy_oracle(params, cfg: ModelConfig, tokens):
     w = 1.0 + scale if cfg.norm_plus_one else scale
     return x / np.sqrt(np.mean(x**2, -1, keepdims=True) + cfg.norm_eps) * w
 
-  def rope(x):  # x [time, heads, head_dim]; rotate each pair (i, i + half) by angle pos * theta^(-2i/d)
+  def rope(x, rotary):  # x [time, heads, head_dim]; rotate each pair (i, i + half) by angle pos * theta^(-2i/d)
+    assert rotary.kind in ("default", "linear")
     half = cfg.head_dim // 2
     out = x.copy()
     for i in range(half):
-      angle = np.arange(time)[:, None] * cfg.rope_theta ** (-2.0 * i / cfg.head_dim)
+      angle = np.arange(time)[:, None] * rotary.theta ** (-2.0 * i / cfg.head_dim) / rotary.factor
       a, b = x[..., i], x[..., i + half]
       out[..., i] = a * np.cos(angle) - b * np.sin(angle)
       out[..., i + half] = b * np.cos(angle) + a * np.sin(angle)
@@ -66,25 +74,33 @@ def numpy_oracle(params, cfg: ModelConfig, tokens):
     x = x * math.sqrt(cfg.d_model)
   for i in range(cfg.num_layers):
     lp = p[f"layer_{i}"]
-    h = norm(x, lp["pre_attn_norm"]["scale"])
+    h = norm(x, lp["pre_attn_norm"]["scale"]) if cfg.pre_norms else x
     qkv = {}
     for name in "qkv":
       qkv[name] = np.einsum("td,dhe->the", h, lp["attn"][name]["kernel"])
       if cfg.qkv_bias:
         qkv[name] = qkv[name] + lp["attn"][name]["bias"]
-    q, k, v = rope(qkv["q"]), rope(qkv["k"]), qkv["v"]
+    for name in "qk" if cfg.qk_norm else "":
+      scale = lp["attn"][f"{name}_norm"]["scale"]
+      if cfg.qk_norm == "head":
+        qkv[name] = norm(qkv[name], scale)
+      else:  # the whole projection, all heads together
+        qkv[name] = norm(qkv[name].reshape(time, -1), scale).reshape(qkv[name].shape)
+    q, k, v = rope(qkv["q"], cfg.rotary[i]), rope(qkv["k"], cfg.rotary[i]), qkv["v"]
     repeat = cfg.num_heads // cfg.num_kv_heads
     k, v = np.repeat(k, repeat, axis=1), np.repeat(v, repeat, axis=1)  # HF repeat_kv
     scores = np.einsum("the,she->hts", q, k) * cfg.attention_scale
     scores = cap(scores, cfg.attn_logit_softcap)
-    scores = np.where(np.tril(np.ones((time, time), bool)), scores, -np.inf)
+    behind = np.arange(time)[:, None] - np.arange(time)[None, :]
+    window = cfg.sliding_window[i] or time
+    scores = np.where((behind >= 0) & (behind < window), scores, -np.inf)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     h = np.einsum("hts,she,hed->td", weights, v, lp["attn"]["o"]["kernel"])
     if cfg.post_norms:
       h = norm(h, lp["post_attn_norm"]["scale"])
     x = x + h
-    h = norm(x, lp["pre_mlp_norm"]["scale"])
+    h = norm(x, lp["pre_mlp_norm"]["scale"]) if cfg.pre_norms else x
     gate = h @ lp["mlp"]["gate"]["kernel"]
     if cfg.mlp_activation == "silu":
       act = gate / (1 + np.exp(-gate))
@@ -172,19 +188,23 @@ def test_output_start_slices_outputs(model):
 
 
 def test_param_tree_names():
-  config = CONFIGS["gemma2"]
+  config = CONFIGS["gemma3"]
   params = init_params(dataclasses.replace(config, qkv_bias=True, head="score", num_labels=2),
                        jax.random.key(0))
   paths = {"/".join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
   layer = ["pre_attn_norm/scale", "attn/q/kernel", "attn/q/bias", "attn/k/kernel", "attn/k/bias",
-           "attn/v/kernel", "attn/v/bias", "attn/o/kernel", "post_attn_norm/scale", "pre_mlp_norm/scale",
-           "mlp/gate/kernel", "mlp/up/kernel", "mlp/down/kernel", "post_mlp_norm/scale"]
+           "attn/v/kernel", "attn/v/bias", "attn/q_norm/scale", "attn/k_norm/scale", "attn/o/kernel",
+           "post_attn_norm/scale", "pre_mlp_norm/scale", "mlp/gate/kernel", "mlp/up/kernel", "mlp/down/kernel",
+           "post_mlp_norm/scale"]
   expected = {"embedder/embedding", "final_norm/scale", "score/kernel"}
   expected |= {f"layer_{i}/{name}" for i in range(config.num_layers) for name in layer}
   assert paths == expected
   assert params["layer_0"]["attn"]["o"]["kernel"].shape == (4, 8, 32)
   assert params["layer_0"]["attn"]["k"]["kernel"].shape == (32, 2, 8)
+  assert params["layer_0"]["attn"]["q_norm"]["scale"].shape == (8,)
   assert "lm_head" in init_params(CONFIGS["llama"], jax.random.key(0))
+  olmo = init_params(CONFIGS["olmo2"], jax.random.key(0))["layer_0"]
+  assert "pre_attn_norm" not in olmo and olmo["attn"]["k_norm"]["scale"].shape == (2 * 8,)
 
 
 def test_bfloat16_compute_tracks_float32():
@@ -202,11 +222,21 @@ def test_bfloat16_compute_tracks_float32():
 @pytest.mark.parametrize("overrides, field", [
     (dict(num_kv_heads=3), "num_kv_heads"), (dict(head_dim=7), "head_dim"), (dict(head="value"), "head"),
     (dict(mlp_activation="relu"), "mlp_activation"), (dict(dtype="int8"), "dtype"),
-    (dict(attn_logit_softcap=0.0), "attn_logit_softcap"), (dict(eos_token_id=64), "eos_token_id"),
+    (dict(attn_logit_softcap=0.0), "attn_logit_softcap"), (dict(stop_token_ids=(1, 64)), "stop_token_ids"),
+    (dict(pad_token_id=-1), "pad_token_id"), (dict(sliding_window=(4, 4, 4)), "sliding_window"),
+    (dict(sliding_window=0), "sliding_window"), (dict(qk_norm="layer"), "qk_norm"),
     (dict(num_layers=0), "num_layers")])
 def test_config_validation(overrides, field):
   with pytest.raises(ValueError, match=field):
     tiny(**overrides)
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(kind="longrope"), "kind"), (dict(kind="llama3", factor=8.0), "original_max_len"),
+    (dict(theta=0.0), "theta"), (dict(kind="llama3", original_max_len=8, low_freq_factor=4.0), "high_freq_factor")])
+def test_rotary_validation(fields, field):
+  with pytest.raises(ValueError, match=field):
+    Rotary(**fields)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

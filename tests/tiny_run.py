@@ -30,7 +30,7 @@ def write_tiny_policy(path: str) -> str:
   tokenizer = default_assets.load_tokenizer()
   model_config = ModelConfig(vocab_size=len(tokenizer), num_layers=1, d_model=16, num_heads=2, num_kv_heads=2,
                              head_dim=8, mlp_dim=32, max_seq_len=24, pad_token_id=default_assets.PAD_ID,
-                             bos_token_id=default_assets.BOS_ID, eos_token_id=default_assets.EOS_ID)
+                             bos_token_id=default_assets.BOS_ID, stop_token_ids=(default_assets.EOS_ID,))
   hf.save_checkpoint(transformer.init_params(model_config, jax.random.PRNGKey(0)), model_config, path)
   for name in os.listdir(default_assets.TOKENIZER_DIR):
     shutil.copy(os.path.join(default_assets.TOKENIZER_DIR, name), path)

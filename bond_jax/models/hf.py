@@ -1,53 +1,116 @@
 """Hugging Face checkpoints <-> our parameter tree, without PyTorch.
 
-Reads and writes the Hugging Face layout (``config.json`` plus ``*.safetensors``, sharded with a
-``model.safetensors.index.json`` or not) for the Llama family (Llama, SmolLM, TinyLlama), Qwen2 (qkv bias),
-Gemma and Gemma 2, with a causal-LM head (``*ForCausalLM``) or a sequence-classification head
-(``*ForSequenceClassification`` -> our head ``"score"``).
+Reads and writes the Hugging Face layout (``config.json``, ``generation_config.json`` and ``*.safetensors``, sharded
+with a ``model.safetensors.index.json`` or not) of the families in ``FAMILIES`` (Llama 1-3 with every rope scaling
+transformers has but LongRoPE, Mistral, Qwen2/2.5, Qwen3, Gemma, Gemma 2, Gemma 3 text, Phi-3, OLMo 2), each with a
+causal-LM head (``*ForCausalLM``) or a sequence-classification head (``*ForSequenceClassification`` -> our head
+``"score"``).
+
+``config.json`` is read through the family's own transformers config class, which standardises the older layouts
+still found on disk (``rope_scaling``, ``rope_theta``, ``rope_local_base_freq``, ``sliding_window_pattern``,
+``use_sliding_window`` / ``max_window_layers``) and fills what a file omits with the defaults ``from_pretrained``
+would use. What we do not implement is refused with a ``ValueError`` naming the config field and its value.
 
 Layouts: a torch ``Linear`` stores ``[out, in]``; we store ``[in, out]`` with the head axes split out, so q/k/v
-become ``[d_model, heads, head_dim]`` and o becomes ``[heads, head_dim, d_model]``. Our rotary embedding uses the
+become ``[d_model, heads, head_dim]`` and o becomes ``[heads, head_dim, d_model]``. Phi-3's fused ``qkv_proj`` and
+``gate_up_proj`` are split into our q/k/v and gate/up on load and fused again on save. Our rotary embedding uses the
 HF ``rotate_half`` convention, so q/k need no permutation. Gemma's RMSNorm scale is stored as in HF (``w``, the
 effective scale being ``1 + w``).
 
-Example::
+Example (a random Qwen3 policy written as a checkpoint and read back)::
 
-  params, config = load_checkpoint("/ckpt/SmolLM-135M", dtype="bfloat16")
-  tokenizer = load_tokenizer("/ckpt/SmolLM-135M")
-  save_checkpoint(params, config, "/tmp/smollm_copy")   # transformers can load this directory
+  >>> import tempfile
+  >>> from bond_jax.models import config as config_lib, transformer
+  >>> cfg = config_lib.tiny(family="qwen3", qk_norm="head", stop_token_ids=(1, 2))
+  >>> path = tempfile.mkdtemp()
+  >>> save_checkpoint(transformer.init_params(cfg, jax.random.key(0)), cfg, path)
+  >>> params, loaded = load_checkpoint(path)
+  >>> loaded == cfg, sorted(os.listdir(path))
+  (True, ['config.json', 'generation_config.json', 'model.safetensors'])
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from absl import logging
 import jax
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from bond_jax import sharding
-from bond_jax.models.config import ModelConfig
+from bond_jax.models.config import ROTARY_KINDS, ModelConfig, Rotary
 
 Params = dict[str, Any]
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+EMBEDDING = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
 
-# HF model_type -> (architecture prefix, model features that differ from the Llama layout).
-_FAMILIES = {
-    "llama": ("Llama", dict()),
-    "qwen2": ("Qwen2", dict(qkv_bias=True)),
-    "gemma": ("Gemma", dict(norm_plus_one=True, embed_scale=True)),
-    "gemma2": ("Gemma2", dict(norm_plus_one=True, embed_scale=True, post_norms=True)),
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+  """How one Hugging Face family lays out its config and weights.
+
+  Attributes:
+    model_type: ``config.json``'s ``model_type``.
+    prefix: the architecture names' prefix (``Llama`` -> ``LlamaForCausalLM``).
+    features: the ModelConfig flags the family fixes (the others keep their defaults).
+    windows: where the family declares sliding windows: "none", "all" (``sliding_window`` on every layer) or
+      "layer_types" (``sliding_window`` on the layers ``layer_types`` marks "sliding_attention").
+    activation_key: the config field the MLP reads its activation from.
+    gemma_attention: whether ``query_pre_attn_scalar`` and the final logit soft-cap apply (Gemma 2 and 3).
+    attn_softcap: whether ``attn_logit_softcapping`` applies (Gemma 2; Gemma 3's attention ignores it).
+    fused: whether q/k/v and gate/up are stored fused (Phi-3).
+    score_architecture: the sequence classifier's architecture, when not ``prefix + "ForSequenceClassification"``.
+  """
+
+  model_type: str
+  prefix: str
+  features: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  windows: str = "none"
+  activation_key: str = "hidden_act"
+  gemma_attention: bool = False
+  attn_softcap: bool = False
+  fused: bool = False
+  score_architecture: str | None = None
+
+  def architecture(self, head: str) -> str:
+    if head == "score":
+      return self.score_architecture or self.prefix + "ForSequenceClassification"
+    return self.prefix + "ForCausalLM"
+
+
+_GEMMA = dict(norm_plus_one=True, embed_scale=True)
+FAMILIES: dict[str, _Family] = {
+    "llama": _Family("llama", "Llama"),
+    "mistral": _Family("mistral", "Mistral", windows="all"),
+    "qwen2": _Family("qwen2", "Qwen2", dict(qkv_bias=True), windows="layer_types"),
+    "qwen3": _Family("qwen3", "Qwen3", dict(qk_norm="head"), windows="layer_types"),
+    "gemma": _Family("gemma", "Gemma", _GEMMA),
+    "gemma2": _Family("gemma2", "Gemma2", _GEMMA | dict(post_norms=True), windows="layer_types",
+                      activation_key="hidden_activation", gemma_attention=True, attn_softcap=True),
+    "gemma3": _Family("gemma3_text", "Gemma3", _GEMMA | dict(post_norms=True, qk_norm="head"),
+                      windows="layer_types", activation_key="hidden_activation", gemma_attention=True,
+                      score_architecture="Gemma3TextForSequenceClassification"),
+    "phi3": _Family("phi3", "Phi3", windows="all", fused=True),
+    "olmo2": _Family("olmo2", "Olmo2", dict(pre_norms=False, post_norms=True, qk_norm="projection")),
 }
-_HEADS = {"ForCausalLM": "lm", "ForSequenceClassification": "score"}
+# The ModelConfig flags some family sets, at their defaults.
+_FLAG_DEFAULTS = {name: ModelConfig.__dataclass_fields__[name].default
+                  for name in {flag for family in FAMILIES.values() for flag in family.features}}
+_HEADS = ("lm", "score")
 _ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
@@ -58,12 +121,7 @@ _ACTIVATIONS = {
 }
 # Tensors that some checkpoints carry but that hold no parameters (recomputed rotary frequencies).
 _IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-def _family_features(family: str) -> dict[str, bool]:
-  """All family flags of ModelConfig, set as ``family`` sets them."""
-  flags = dict(qkv_bias=False, norm_plus_one=False, embed_scale=False, post_norms=False)
-  return flags | _FAMILIES[family][1]
+_SLIDING, _FULL = "sliding_attention", "full_attention"
 
 
 def _parse_architecture(hf: Mapping[str, Any]) -> tuple[str, str]:
@@ -72,125 +130,222 @@ def _parse_architecture(hf: Mapping[str, Any]) -> tuple[str, str]:
   if len(architectures) != 1:
     raise ValueError(f"config 'architectures' must name exactly one architecture, got {architectures!r}.")
   (architecture,) = architectures
-  for family, (prefix, _) in _FAMILIES.items():
-    for suffix, head in _HEADS.items():
-      if architecture == prefix + suffix:
-        return family, head
-  supported = sorted(p + s for p, _ in _FAMILIES.values() for s in _HEADS)
+  for name, family in FAMILIES.items():
+    for head in _HEADS:
+      if architecture == family.architecture(head):
+        if hf.get("model_type") != family.model_type:
+          raise ValueError(f"config model_type={hf.get('model_type')!r} does not match architecture "
+                           f"{architecture!r} (model_type {family.model_type!r}).")
+        return name, head
+  supported = sorted(f.architecture(h) for f in FAMILIES.values() for h in _HEADS)
   raise ValueError(f"Unsupported architecture {architecture!r}; supported: {supported}.")
 
 
-def _rope_theta(hf: Mapping[str, Any]) -> float:
-  """rope_theta from either the transformers>=5 ``rope_parameters`` or the older flat keys."""
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type != "default":
-    raise ValueError(f"Unsupported rotary scaling {rope_type!r} (only plain rotary embeddings are implemented).")
-  return float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+def _transformers_config(hf: Mapping[str, Any]):
+  """``hf`` through its transformers config class: old layouts standardised, omitted fields at their defaults."""
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top  (config classes only: no PyTorch is needed)
+
+  try:
+    return transformers.AutoConfig.for_model(**copy.deepcopy(dict(hf)))
+  except huggingface_hub.errors.StrictDataclassError as e:
+    raise ValueError(f"config {hf.get('model_type')!r} rejected by transformers: {' '.join(str(e).split())}") from e
 
 
-def _first_id(value: int | list[int] | None) -> int | None:
-  # Some configs (Llama 3 instruct) list several stop ids; sampling stops on one id, the first.
-  return value[0] if isinstance(value, list) else value
+def _stop_ids(value: int | Sequence[int] | None) -> tuple[int, ...]:
+  if value is None:
+    return ()
+  return (value,) if isinstance(value, int) else tuple(value)
 
 
-def config_from_hf(hf_config: Mapping[str, Any] | Any, dtype: str = "float32") -> ModelConfig:
+def _rotary(rope: Mapping[str, Any], hf, truncate: bool) -> Rotary:
+  """The Rotary of one standardised ``rope_parameters`` dict; ValueError for what we do not implement."""
+  kind = rope.get("rope_type", "default")
+  if kind not in ROTARY_KINDS:
+    raise ValueError(f"config rope_parameters rope_type={kind!r} is not supported; supported: {ROTARY_KINDS}.")
+  if rope.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ValueError(f"config rope_parameters partial_rotary_factor={rope['partial_rotary_factor']!r} is not "
+                     "supported (only rotary embeddings over the whole head).")
+  fields = dict(theta=float(rope["rope_theta"]), kind=kind)
+  if kind != "default":
+    # yarn without a factor: the ratio of the extended to the pretraining context, as transformers takes it.
+    fields["factor"] = float(rope.get("factor")
+                             or hf.max_position_embeddings / rope["original_max_position_embeddings"])
+  if kind in ("llama3", "yarn"):
+    fields["original_max_len"] = int(rope["original_max_position_embeddings"])
+  if kind == "llama3":
+    fields.update(low_freq_factor=float(rope["low_freq_factor"]), high_freq_factor=float(rope["high_freq_factor"]))
+  if kind == "yarn":
+    # transformers' `_compute_yarn_parameters`: the cos/sin scale, from `factor` (and DeepSeek's mscales).
+    def mscale(scale: float, m: float = 1.0) -> float:
+      return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+      m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+      attention_factor = (mscale(fields["factor"], m) / mscale(fields["factor"], m_all) if m and m_all
+                          else mscale(fields["factor"]))
+    fields.update(attention_factor=float(attention_factor), beta_fast=float(rope.get("beta_fast") or 32),
+                  beta_slow=float(rope.get("beta_slow") or 1), truncate=bool(truncate))
+  return Rotary(**fields)
+
+
+def _layer_types(hf, num_layers: int) -> list[str]:
+  return list(getattr(hf, "layer_types", None) or [_FULL] * num_layers)
+
+
+def _windows(hf, family: _Family, num_layers: int) -> tuple[int | None, ...]:
+  """Each layer's sliding window (None: global attention), as the family's attention reads it."""
+  if family.windows == "none":
+    return (None,) * num_layers
+  window = getattr(hf, "sliding_window", None)
+  if family.windows == "all":
+    return (window,) * num_layers
+  layer_types = _layer_types(hf, num_layers)
+  if _SLIDING in layer_types and window is None:
+    raise ValueError(f"config layer_types={layer_types} has sliding layers but sliding_window=None.")
+  return tuple(window if t == _SLIDING else None for t in layer_types)
+
+
+def _rotaries(hf, num_layers: int) -> tuple[Rotary, ...]:
+  """Each layer's Rotary: one ``rope_parameters`` for all, or one per layer type (Gemma 3)."""
+  rope = hf.rope_parameters
+  layer_types = _layer_types(hf, num_layers)
+  truncate = rope.get("truncate", True)  # transformers reads it from the outer dict, nested or not
+  if {_SLIDING, _FULL} & set(rope):
+    per_type = {t: _rotary(rope[t], hf, truncate) for t in set(layer_types)}
+    return tuple(per_type[t] for t in layer_types)
+  return (_rotary(rope, hf, truncate),) * num_layers
+
+
+def _refuse_unsupported(hf, family_name: str) -> None:
+  """ValueError naming the first config field whose value changes the model in a way we do not implement."""
+  for field in ("attention_bias", "mlp_bias", "use_bidirectional_attention"):
+    value = getattr(hf, field, None)
+    if value and not (field == "attention_bias" and family_name == "qwen2"):
+      raise ValueError(f"config {field}={value!r} is not supported for {family_name!r}.")
+
+
+def config_from_hf(hf_config: Mapping[str, Any] | Any, dtype: str = "float32",
+                   generation_config: Mapping[str, Any] | None = None) -> ModelConfig:
   """Maps a Hugging Face config (``config.json`` dict or ``PretrainedConfig``) to a ModelConfig.
 
   Args:
     hf_config: the parsed ``config.json``, or a ``transformers.PretrainedConfig``.
     dtype: parameter and compute dtype of the returned config.
+    generation_config: the parsed ``generation_config.json``, if the checkpoint has one: its ``eos_token_id``
+      are then the stop ids, as ``generate`` reads them (else ``config.json``'s ``eos_token_id``).
 
   Returns:
-    The ModelConfig. A missing ``pad_token_id`` falls back to the EOS id (then 0): our model reads padding from
-    masks, the id only fills positions after EOS. Layers with sliding-window attention (Gemma 2, Qwen2 with
-    ``use_sliding_window``) are exact only up to the window, so ``max_seq_len`` is capped at it.
+    The ModelConfig: ``max_seq_len`` is ``max_position_embeddings``, ``pad_token_id`` the declared pad id (None
+    when there is none), ``stop_token_ids`` every end-of-generation id. ValueError for an unsupported architecture
+    or a config field whose value we do not implement (the message names both).
 
-  Example::
-
-    config = config_from_hf(json.load(open("ckpt/config.json")))
+  Example:
+    >>> config = config_from_hf({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32,
+    ...                          "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    ...                          "num_key_value_heads": 2, "intermediate_size": 64, "sliding_window": 16,
+    ...                          "eos_token_id": [2, 3]})
+    >>> config.family, config.sliding_window, config.stop_token_ids, config.pad_token_id
+    ('mistral', (16, 16), (2, 3), None)
   """
-  hf = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
-  family, head = _parse_architecture(hf)
-  if hf.get("attention_bias") and family != "qwen2":
-    raise ValueError(f"attention_bias=True is not supported for {family!r} (it adds an o_proj bias).")
-  if hf.get("mlp_bias"):
-    raise ValueError("mlp_bias=True is not supported.")
-  activation_name = hf.get("hidden_activation") or hf.get("hidden_act")
-  if family == "gemma" and activation_name == "gelu":
-    # The official Gemma releases say "gelu" but mean the tanh approximation (transformers maps it the same way).
-    activation_name = "gelu_pytorch_tanh"
+  as_dict = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+  family_name, head = _parse_architecture(as_dict)
+  family = FAMILIES[family_name]
+  hf = hf_config if hasattr(hf_config, "to_dict") else _transformers_config(as_dict)
+  _refuse_unsupported(hf, family_name)
+  activation_name = getattr(hf, family.activation_key)
   if activation_name not in _ACTIVATIONS:
-    raise ValueError(f"Unsupported hidden activation {activation_name!r}; supported: {sorted(_ACTIVATIONS)}.")
-
-  max_seq_len = hf["max_position_embeddings"]
-  has_sliding_layers = "sliding_attention" in (hf.get("layer_types") or []) or hf.get("use_sliding_window")
-  if family == "gemma2" or has_sliding_layers:
-    max_seq_len = min(max_seq_len, hf.get("sliding_window") or max_seq_len)
-
-  eos_token_id = _first_id(hf.get("eos_token_id"))
-  pad_token_id = _first_id(hf.get("pad_token_id"))
-  if pad_token_id is None:
-    pad_token_id = eos_token_id if eos_token_id is not None else 0
-  num_labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
-  default_tie = family in ("gemma", "gemma2")
+    raise ValueError(f"config {family.activation_key}={activation_name!r} is not supported; supported: "
+                     f"{sorted(_ACTIVATIONS)}.")
+  num_layers = hf.num_hidden_layers
+  eos = hf.eos_token_id if generation_config is None else generation_config.get("eos_token_id")
   return ModelConfig(
-      vocab_size=hf["vocab_size"],
-      num_layers=hf["num_hidden_layers"],
-      d_model=hf["hidden_size"],
-      num_heads=hf["num_attention_heads"],
-      num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-      mlp_dim=hf["intermediate_size"],
-      max_seq_len=max_seq_len,
-      rope_theta=_rope_theta(hf),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      vocab_size=hf.vocab_size,
+      num_layers=num_layers,
+      d_model=hf.hidden_size,
+      num_heads=hf.num_attention_heads,
+      num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+      head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+      mlp_dim=hf.intermediate_size,
+      max_seq_len=hf.max_position_embeddings,
+      rotary=_rotaries(hf, num_layers),
+      sliding_window=_windows(hf, family, num_layers),
+      norm_eps=float(hf.rms_norm_eps),
       mlp_activation=_ACTIVATIONS[activation_name],
-      tie_embeddings=head == "lm" and bool(hf.get("tie_word_embeddings", default_tie)),
-      attn_logit_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
-      final_logit_softcap=hf.get("final_logit_softcapping") if family == "gemma2" else None,
-      query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if family == "gemma2" else None,
+      tie_embeddings=head == "lm" and bool(hf.tie_word_embeddings),
+      attn_logit_softcap=hf.attn_logit_softcapping if family.attn_softcap else None,
+      final_logit_softcap=hf.final_logit_softcapping if family.gemma_attention else None,
+      query_pre_attn_scalar=hf.query_pre_attn_scalar if family.gemma_attention else None,
       head=head,
-      num_labels=num_labels if head == "score" else 1,
+      num_labels=hf.num_labels if head == "score" else 1,
       dtype=dtype,
       param_dtype=dtype,
-      pad_token_id=pad_token_id,
-      bos_token_id=_first_id(hf.get("bos_token_id")),
-      eos_token_id=eos_token_id,
-      **_family_features(family),
+      pad_token_id=hf.pad_token_id,
+      bos_token_id=hf.bos_token_id,
+      stop_token_ids=_stop_ids(eos),
+      family=family_name,
+      **(_FLAG_DEFAULTS | dict(family.features)),
   )
 
 
-def _family_of(config: ModelConfig) -> str:
-  """The HF family whose layout ``config`` describes; ValueError if none does."""
-  features = {name: getattr(config, name) for name in _family_features("llama")}
-  family = next((f for f in _FAMILIES if _family_features(f) == features), None)
-  if family is None:
-    raise ValueError(f"No Hugging Face architecture has the model features {features}.")
-  gemma2_only = dict(
-      attn_logit_softcap=config.attn_logit_softcap,
-      final_logit_softcap=config.final_logit_softcap,
-      query_pre_attn_scalar=config.query_pre_attn_scalar,
-  )
-  if family != "gemma2" and any(v is not None for v in gemma2_only.values()):
-    raise ValueError(f"{gemma2_only} are only representable by Gemma 2; the model features {features} are {family}'s.")
-  return family
+def _rope_parameters(rotary: Rotary) -> dict[str, Any]:
+  """The ``rope_parameters`` dict of one Rotary (inverse of ``_rotary``)."""
+  out: dict[str, Any] = dict(rope_type=rotary.kind, rope_theta=rotary.theta)
+  if rotary.kind != "default":
+    out["factor"] = rotary.factor
+  if rotary.kind in ("llama3", "yarn"):
+    out["original_max_position_embeddings"] = rotary.original_max_len
+  if rotary.kind == "llama3":
+    out.update(low_freq_factor=rotary.low_freq_factor, high_freq_factor=rotary.high_freq_factor)
+  if rotary.kind == "yarn":
+    out.update(attention_factor=rotary.attention_factor, beta_fast=rotary.beta_fast, beta_slow=rotary.beta_slow,
+               truncate=rotary.truncate)
+  return out
+
+
+def _one(values: Sequence[Any], what: str, family_name: str) -> Any:
+  """The single distinct value of ``values``; ValueError if the family cannot declare several."""
+  distinct = list(dict.fromkeys(values))
+  if len(distinct) > 1:
+    raise ValueError(f"ModelConfig {what} differ across layers ({distinct}); family {family_name!r} declares one.")
+  return distinct[0] if distinct else None
+
+
+def _check_representable(config: ModelConfig, family: _Family) -> None:
+  """ValueError if ``config`` has a feature its family's checkpoints cannot express."""
+  expected = _FLAG_DEFAULTS | dict(family.features)
+  differing = {name: getattr(config, name) for name, value in expected.items() if getattr(config, name) != value}
+  absent = ([] if family.attn_softcap else ["attn_logit_softcap"]) + (
+      [] if family.gemma_attention else ["final_logit_softcap", "query_pre_attn_scalar"])
+  differing.update({name: getattr(config, name) for name in absent if getattr(config, name) is not None})
+  if family.windows == "none" and any(config.sliding_window):
+    differing["sliding_window"] = config.sliding_window
+  if differing:
+    raise ValueError(f"No Hugging Face architecture of family {config.family!r} has the model features "
+                     f"{differing} (it has {expected}).")
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
   """The ``config.json`` dict of a ModelConfig (inverse of ``config_from_hf`` up to dtypes).
 
-  Example::
+  Raises ValueError if the config's family (``config.family``) cannot express one of its features.
 
-    json.dump(config_to_hf(config), open("out/config.json", "w"))
+  Example:
+    >>> from bond_jax.models.config import tiny
+    >>> hf = config_to_hf(tiny(family="gemma2", norm_plus_one=True, embed_scale=True, post_norms=True,
+    ...                        sliding_window=(8, None), query_pre_attn_scalar=16.0))
+    >>> hf["architectures"], hf["layer_types"], hf["sliding_window"]
+    (['Gemma2ForCausalLM'], ['sliding_attention', 'full_attention'], 8)
   """
-  family = _family_of(config)
-  prefix = _FAMILIES[family][0]
-  head_suffix = {head: suffix for suffix, head in _HEADS.items()}[config.head]
+  if config.family not in FAMILIES:
+    raise ValueError(f"ModelConfig.family={config.family!r}; supported: {sorted(FAMILIES)}.")
+  family = FAMILIES[config.family]
+  _check_representable(config, family)
   activation = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[config.mlp_activation]
-  hf = dict(
-      architectures=[prefix + head_suffix],
-      model_type=family,
+  stop = list(config.stop_token_ids)
+  hf: dict[str, Any] = dict(
+      architectures=[family.architecture(config.head)],
+      model_type=family.model_type,
       vocab_size=config.vocab_size,
       num_hidden_layers=config.num_layers,
       hidden_size=config.d_model,
@@ -199,107 +354,187 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
       head_dim=config.head_dim,
       intermediate_size=config.mlp_dim,
       max_position_embeddings=config.max_seq_len,
-      rope_theta=config.rope_theta,
-      rope_parameters=dict(rope_type="default", rope_theta=config.rope_theta),
       rms_norm_eps=config.norm_eps,
-      hidden_act=activation,
-      hidden_activation=activation,
       tie_word_embeddings=config.tie_embeddings,
       pad_token_id=config.pad_token_id,
       bos_token_id=config.bos_token_id,
-      eos_token_id=config.eos_token_id,
+      eos_token_id=stop[0] if len(stop) == 1 else (stop or None),
       dtype=config.param_dtype,
   )
+  hf[family.activation_key] = activation
   if config.head == "score":
     hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
     hf["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
-  if family == "gemma2":
-    hf.update(
-        attn_logit_softcapping=config.attn_logit_softcap,
-        final_logit_softcapping=config.final_logit_softcap,
-        query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
-        # Every position is within the window, so each layer's sliding attention equals full attention.
-        sliding_window=config.max_seq_len,
-    )
+  layer_types = [_FULL if w is None else _SLIDING for w in config.sliding_window]
+  window = _one([w for w in config.sliding_window if w is not None], "sliding windows", config.family)
+  if family.windows == "all":
+    hf["sliding_window"] = _one(config.sliding_window, "sliding windows", config.family)
+  elif family.windows == "layer_types":
+    hf["layer_types"] = layer_types
+    if family.gemma_attention:
+      # Gemma builds its sliding mask even with no sliding layer: a window no sequence reaches changes nothing.
+      hf["sliding_window"] = window or config.max_seq_len
+    else:
+      hf.update(sliding_window=window, use_sliding_window=window is not None,
+                max_window_layers=layer_types.index(_SLIDING) if window else config.num_layers)
+  if config.family == "gemma3":
+    by_type = {t: _one([r for r, lt in zip(config.rotary, layer_types) if lt == t], f"{t} rotary", config.family)
+               for t in (_SLIDING, _FULL)}
+    hf["rope_parameters"] = {t: _rope_parameters(r or Rotary()) for t, r in by_type.items()}
+  else:
+    hf["rope_parameters"] = _rope_parameters(_one(config.rotary, "rotary embeddings", config.family))
+  if family.gemma_attention:
+    hf.update(attn_logit_softcapping=config.attn_logit_softcap, final_logit_softcapping=config.final_logit_softcap,
+              query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim)
   return hf
+
+
+def generation_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+  """The ``generation_config.json`` dict: ``generate`` stops on every one of ``config.stop_token_ids``.
+
+  Example:
+    >>> from bond_jax.models.config import tiny
+    >>> generation_config_to_hf(tiny(stop_token_ids=(1, 7), pad_token_id=0, bos_token_id=2))
+    {'bos_token_id': 2, 'eos_token_id': [1, 7], 'pad_token_id': 0}
+  """
+  stop = list(config.stop_token_ids)
+  return dict(bos_token_id=config.bos_token_id, eos_token_id=stop[0] if len(stop) == 1 else (stop or None),
+              pad_token_id=config.pad_token_id)
 
 
 @dataclasses.dataclass(frozen=True)
 class _TensorSpec:
-  """Where one HF tensor lives in our tree and how its layout differs."""
+  """One HF tensor and the parameters of ours it holds, stacked along its first axis (Phi-3 fuses q, k and v).
 
-  path: tuple[str, ...]
+  Attributes:
+    parts: ``(path, our_shape)`` of each parameter, in the tensor's order.
+    hf_shape: the tensor's shape.
+    transpose: torch Linear weights are ``[out, in]``; ours are ``[in, ...out]``.
+  """
+
+  parts: tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]
   hf_shape: tuple[int, ...]
-  our_shape: tuple[int, ...]
-  transpose: bool  # torch Linear weights are [out, in]; ours are [in, ...out].
+  transpose: bool
 
-  def to_ours(self, x: np.ndarray) -> np.ndarray:
-    return (x.T if self.transpose else x).reshape(self.our_shape)
+  def _hf_part_shapes(self) -> list[tuple[int, ...]]:
+    row = math.prod(self.hf_shape[1:])
+    return [(math.prod(shape) // row,) + self.hf_shape[1:] for _, shape in self.parts]
 
-  def to_hf(self, x: np.ndarray) -> np.ndarray:
-    if self.transpose:
-      return x.reshape(self.hf_shape[::-1]).T
-    return x.reshape(self.hf_shape)
+  def to_ours(self, x: np.ndarray) -> list[np.ndarray]:
+    rows = np.cumsum([s[0] for s in self._hf_part_shapes()])[:-1]
+    return [(piece.T if self.transpose else piece).reshape(shape)
+            for piece, (_, shape) in zip(np.split(x, rows), self.parts)]
+
+  def to_hf(self, values: Sequence[np.ndarray]) -> np.ndarray:
+    pieces = [x.reshape(shape[::-1]).T if self.transpose else x.reshape(shape)
+              for x, shape in zip(values, self._hf_part_shapes())]
+    return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def _tensor_specs(config: ModelConfig) -> dict[str, _TensorSpec]:
   """HF tensor name -> _TensorSpec for every parameter of ``config``'s model."""
   d, h, kv, hd, f = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim, config.mlp_dim
+  fused = FAMILIES[config.family].fused
   specs = {}
 
-  def add(hf_name, path, hf_shape, our_shape, transpose=True):
-    specs[hf_name] = _TensorSpec(tuple(path.split("/")), hf_shape, our_shape, transpose)
+  def add(hf_name, hf_shape, parts, transpose=True):
+    specs[hf_name] = _TensorSpec(tuple((tuple(path.split("/")), shape) for path, shape in parts), hf_shape, transpose)
 
-  def norm(hf_name, path):
-    add(hf_name, path + "/scale", (d,), (d,), transpose=False)
+  def norm(hf_name, path, size=d):
+    add(hf_name, (size,), [(path + "/scale", (size,))], transpose=False)
 
-  add("model.embed_tokens.weight", "embedder/embedding", (config.vocab_size, d), (config.vocab_size, d), False)
-  # Gemma 2 names its four norms differently: post_attention_layernorm is the post-attention norm there.
-  mlp_norm = "pre_feedforward_layernorm" if config.post_norms else "post_attention_layernorm"
+  add(EMBEDDING, (config.vocab_size, d), [("embedder/embedding", (config.vocab_size, d))], transpose=False)
   for i in range(config.num_layers):
     hf_layer, layer = f"model.layers.{i}", f"layer_{i}"
-    norm(f"{hf_layer}.input_layernorm.weight", f"{layer}/pre_attn_norm")
-    for name, heads in (("q", h), ("k", kv), ("v", kv)):
-      add(f"{hf_layer}.self_attn.{name}_proj.weight", f"{layer}/attn/{name}/kernel", (heads * hd, d), (d, heads, hd))
+    heads = dict(q=h, k=kv, v=kv)
+    qkv = {name: (f"{layer}/attn/{name}/kernel", (d, n, hd)) for name, n in heads.items()}
+    if config.pre_norms:
+      norm(f"{hf_layer}.input_layernorm.weight", f"{layer}/pre_attn_norm")
+    if fused:
+      add(f"{hf_layer}.self_attn.qkv_proj.weight", ((h + 2 * kv) * hd, d), qkv.values())
+    for name, n in heads.items():
+      if not fused:
+        add(f"{hf_layer}.self_attn.{name}_proj.weight", (n * hd, d), [qkv[name]])
       if config.qkv_bias:
-        add(f"{hf_layer}.self_attn.{name}_proj.bias", f"{layer}/attn/{name}/bias", (heads * hd,), (heads, hd))
-    add(f"{hf_layer}.self_attn.o_proj.weight", f"{layer}/attn/o/kernel", (d, h * hd), (h, hd, d))
-    norm(f"{hf_layer}.{mlp_norm}.weight", f"{layer}/pre_mlp_norm")
+        add(f"{hf_layer}.self_attn.{name}_proj.bias", (n * hd,), [(f"{layer}/attn/{name}/bias", (n, hd))],
+            transpose=False)
+    if config.qk_norm is not None:
+      for name in "qk":
+        norm(f"{hf_layer}.self_attn.{name}_norm.weight", f"{layer}/attn/{name}_norm",
+             hd if config.qk_norm == "head" else heads[name] * hd)
+    add(f"{hf_layer}.self_attn.o_proj.weight", (d, h * hd), [(f"{layer}/attn/o/kernel", (h, hd, d))])
+    if config.pre_norms:
+      # Gemma 2 and 3 name their four norms differently: post_attention_layernorm is the post-attention norm there.
+      mlp_norm = "pre_feedforward_layernorm" if config.post_norms else "post_attention_layernorm"
+      norm(f"{hf_layer}.{mlp_norm}.weight", f"{layer}/pre_mlp_norm")
     if config.post_norms:
       norm(f"{hf_layer}.post_attention_layernorm.weight", f"{layer}/post_attn_norm")
       norm(f"{hf_layer}.post_feedforward_layernorm.weight", f"{layer}/post_mlp_norm")
-    add(f"{hf_layer}.mlp.gate_proj.weight", f"{layer}/mlp/gate/kernel", (f, d), (d, f))
-    add(f"{hf_layer}.mlp.up_proj.weight", f"{layer}/mlp/up/kernel", (f, d), (d, f))
-    add(f"{hf_layer}.mlp.down_proj.weight", f"{layer}/mlp/down/kernel", (d, f), (f, d))
+    gate_up = [(f"{layer}/mlp/{name}/kernel", (d, f)) for name in ("gate", "up")]
+    if fused:
+      add(f"{hf_layer}.mlp.gate_up_proj.weight", (2 * f, d), gate_up)
+    else:
+      add(f"{hf_layer}.mlp.gate_proj.weight", (f, d), gate_up[:1])
+      add(f"{hf_layer}.mlp.up_proj.weight", (f, d), gate_up[1:])
+    add(f"{hf_layer}.mlp.down_proj.weight", (d, f), [(f"{layer}/mlp/down/kernel", (f, d))])
   norm("model.norm.weight", "final_norm")
   if config.head == "score":
-    add("score.weight", "score/kernel", (config.num_labels, d), (d, config.num_labels))
+    add("score.weight", (config.num_labels, d), [("score/kernel", (d, config.num_labels))])
   elif not config.tie_embeddings:
-    add("lm_head.weight", "lm_head/kernel", (config.vocab_size, d), (d, config.vocab_size))
+    add(LM_HEAD, (config.vocab_size, d), [("lm_head/kernel", (d, config.vocab_size))])
   return specs
 
 
 def _weight_files(path: str) -> dict[str, str]:
-  """Tensor name -> safetensors file holding it, for a checkpoint directory."""
+  """Tensor name -> safetensors file holding it, for a checkpoint directory.
+
+  As ``from_pretrained`` reads them: the files of ``model.safetensors.index.json`` if there is one, else
+  ``model.safetensors``; other ``*.safetensors`` files (e.g. Mistral's ``consolidated.safetensors``) are not the
+  model's.
+  """
   index_file = os.path.join(path, WEIGHTS_INDEX_FILE)
   if os.path.exists(index_file):
     with open(index_file) as f:
       return {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}
-  files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
-  if not files:
-    raise FileNotFoundError(f"No *.safetensors weights in checkpoint directory {path!r}.")
-  names = {}
-  for file in files:
-    with safe_open(file, framework="numpy") as f:
-      names.update({name: file for name in f.keys()})
-  return names
+  file = os.path.join(path, WEIGHTS_FILE)
+  if not os.path.exists(file):
+    raise FileNotFoundError(f"Checkpoint directory {path!r} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}.")
+  with safe_open(file, framework="numpy") as f:
+    return {name: file for name in f.keys()}
 
 
-def _check_names(expected: set[str], found: set[str], config: ModelConfig) -> None:
+def _read(source: tuple[str, str]) -> np.ndarray:
+  file, name = source
+  with safe_open(file, framework="numpy") as f:
+    return f.get_tensor(name)
+
+
+def _resolve_tied_head(config: ModelConfig, files: Mapping[str, str]
+                       ) -> tuple[ModelConfig, dict[str, tuple[str, str]]]:
+  """The config and, for each tensor name to load, its ``(file, stored name)``.
+
+  A tied config whose checkpoint also stores ``lm_head.weight`` is resolved as transformers (5.x) resolves it: the
+  same values as the embedding, tied (the copy ignored); different values, the stored head is real and the config
+  wrong, so the model is loaded untied, with a warning naming the tensor; only the head stored, it is the shared
+  matrix.
+  """
+  sources = {name: (file, name) for name, file in files.items()}
+  if not (config.head == "lm" and config.tie_embeddings and LM_HEAD in sources):
+    return config, sources
+  head = sources.pop(LM_HEAD)
+  if EMBEDDING not in sources:
+    sources[EMBEDDING] = head
+  elif not np.array_equal(_read(sources[EMBEDDING]), _read(head)):
+    logging.warning("The config ties the output head to the embedding (tie_word_embeddings=true), but the "
+                    "checkpoint stores a different %r: loading it untied, as transformers does.", LM_HEAD)
+    sources[LM_HEAD] = head
+    config = dataclasses.replace(config, tie_embeddings=False)
+  return config, sources
+
+
+def _check_names(expected: set[str], found: set[str]) -> None:
   """ValueError naming the missing and unexpected tensors, if any."""
   unexpected = {n for n in found - expected if not _IGNORED_TENSORS.match(n)}
-  if config.tie_embeddings:
-    unexpected.discard("lm_head.weight")  # Some tied checkpoints store the shared matrix twice.
   missing = expected - found
   if missing or unexpected:
     raise ValueError(
@@ -321,81 +556,117 @@ def _get_path(tree: Mapping, path: tuple[str, ...]) -> Any:
   return tree
 
 
+def read_config(path: str | os.PathLike, dtype: str = "float32") -> ModelConfig:
+  """The ModelConfig of a checkpoint directory: ``config.json``, with the stop ids of ``generation_config.json``
+  when the directory has one (as ``generate`` reads them).
+
+  Example:
+    >>> from bond_jax.tasks import default_assets
+    >>> read_config(os.path.join(default_assets.ASSETS_DIR, "policy")).stop_token_ids
+    (2,)
+  """
+  path = os.fspath(path)
+  with open(os.path.join(path, CONFIG_FILE)) as f:
+    hf = json.load(f)
+  generation_file = os.path.join(path, GENERATION_CONFIG_FILE)
+  generation_config = None
+  if os.path.exists(generation_file):
+    with open(generation_file) as f:
+      generation_config = json.load(f)
+  return config_from_hf(hf, dtype=dtype, generation_config=generation_config)
+
+
 def load_checkpoint(path: str | os.PathLike, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None
                     ) -> tuple[Params, ModelConfig]:
   """Loads a local Hugging Face checkpoint directory into our parameter tree.
 
   Args:
-    path: directory with ``config.json`` and ``model.safetensors`` (or a sharded index with its shards).
+    path: directory with ``config.json`` (and, optionally, ``generation_config.json``) and ``model.safetensors``
+      (or a sharded index with its shards).
     dtype: dtype of the returned parameters and of the config's compute (``"float32"`` or ``"bfloat16"``).
     mesh: if given, each parameter is placed straight onto ``mesh`` with ``sharding.param_shardings``, so the
       full model never has to fit on one device.
 
   Returns:
-    ``(params, config)``: params a nested dict of arrays in our layout (see MODEL_API), config a ModelConfig.
+    ``(params, config)``: params a nested dict of arrays in our layout, config a ModelConfig (``read_config``,
+    untied if the checkpoint stores an output head that differs from its embedding while the config says tied).
     ValueError (naming the tensor) for unknown architectures and missing, unexpected or mis-shaped tensors.
 
-  Example::
-
-    params, config = load_checkpoint("/ckpt/TinyLlama-1.1B", dtype="bfloat16")
-    logits, _ = transformer.forward(params, config, tokens, positions, mask)
+  Example:
+    >>> from bond_jax.tasks import default_assets
+    >>> params, config = load_checkpoint(os.path.join(default_assets.ASSETS_DIR, "policy"))
+    >>> config.family, config.tie_embeddings, params["embedder"]["embedding"].shape
+    ('llama', True, (405, 128))
   """
   path = os.fspath(path)
-  with open(os.path.join(path, CONFIG_FILE)) as f:
-    config = config_from_hf(json.load(f), dtype=dtype)
+  config = read_config(path, dtype=dtype)
+  config, sources = _resolve_tied_head(config, _weight_files(path))
   specs = _tensor_specs(config)
-  files = _weight_files(path)
-  _check_names(set(specs), set(files), config)
+  _check_names(set(specs), set(sources))
 
   params: Params = {}
-  for file in sorted(set(files[name] for name in specs)):
+  for file in sorted(set(sources[name][0] for name in specs)):
     with safe_open(file, framework="numpy") as f:
-      for name in (n for n in specs if files[n] == file):
+      for name in (n for n in specs if sources[n][0] == file):
         spec = specs[name]
-        tensor = f.get_tensor(name)
+        tensor = f.get_tensor(sources[name][1])
         if tuple(tensor.shape) != spec.hf_shape:
           raise ValueError(f"Tensor {name!r} has shape {tuple(tensor.shape)}; the config implies {spec.hf_shape}.")
-        _set_path(params, spec.path, spec.to_ours(tensor).astype(jax.numpy.dtype(dtype)))
+        for (part_path, _), value in zip(spec.parts, spec.to_ours(tensor)):
+          _set_path(params, part_path, value.astype(jax.numpy.dtype(dtype)))
   if mesh is None:
     return jax.tree.map(jax.numpy.asarray, params), config
   return jax.device_put(params, sharding.param_shardings(params, mesh)), config
 
 
 def save_checkpoint(params: Params, config: ModelConfig, path: str | os.PathLike) -> None:
-  """Writes ``params`` as a Hugging Face checkpoint (``config.json`` + ``model.safetensors``).
+  """Writes ``params`` as a Hugging Face checkpoint (``config.json``, ``generation_config.json`` with the stop ids,
+  ``model.safetensors``).
 
   ``transformers.AutoModelForCausalLM.from_pretrained(path)`` (or ``...ForSequenceClassification`` for head
-  ``"score"``) loads the result. Parameters are written in their own dtype.
+  ``"score"``) loads the result, and its ``generate`` stops where our sampler does. Parameters are written in their
+  own dtype; ``config.json`` is written through the family's transformers config class (its current layout).
 
-  Example::
-
-    save_checkpoint(params, config, "/tmp/policy_step_1000")
+  Example:
+    >>> import tempfile
+    >>> from bond_jax.models import config as config_lib, transformer
+    >>> cfg = config_lib.tiny(family="phi3")
+    >>> path = tempfile.mkdtemp()
+    >>> save_checkpoint(transformer.init_params(cfg, jax.random.key(0)), cfg, path)
+    >>> with safe_open(os.path.join(path, WEIGHTS_FILE), "np") as f:
+    ...   f.get_slice("model.layers.0.self_attn.qkv_proj.weight").get_shape()   # q, k, v fused: (4 + 2 * 2) * 8
+    [64, 32]
   """
+  import transformers  # pylint: disable=g-import-not-at-top  (config classes only: no PyTorch is needed)
+
   path = os.fspath(path)
-  hf_config = config_to_hf(config)
+  hf_config = _transformers_config(config_to_hf(config))
   specs = _tensor_specs(config)
   tensors = {}
   for name, spec in specs.items():
-    value = np.asarray(_get_path(params, spec.path))
-    if value.shape != spec.our_shape:
-      raise ValueError(f"params {'/'.join(spec.path)!r} has shape {value.shape}; the config implies {spec.our_shape}.")
+    values = []
+    for part_path, shape in spec.parts:
+      value = np.asarray(_get_path(params, part_path))
+      if value.shape != shape:
+        raise ValueError(f"params {'/'.join(part_path)!r} has shape {value.shape}; the config implies {shape}.")
+      values.append(value)
     # safetensors needs C-contiguous arrays; the transposes are views.
-    tensors[name] = np.ascontiguousarray(spec.to_hf(value))
+    tensors[name] = np.ascontiguousarray(spec.to_hf(values))
   os.makedirs(path, exist_ok=True)
   save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
-  with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    json.dump(hf_config, f, indent=2)
+  hf_config.save_pretrained(path)
+  transformers.GenerationConfig(**generation_config_to_hf(config)).save_pretrained(path)
 
 
 def load_tokenizer(path: str | os.PathLike):
   """Loads the tokenizer saved in a local checkpoint directory (never downloads).
 
-  Example::
-
-    tokenizer = load_tokenizer("/ckpt/SmolLM-135M")
-    ids = tokenizer("Hello")["input_ids"]
+  Example:
+    >>> from bond_jax.tasks import default_assets
+    >>> load_tokenizer(os.path.join(default_assets.ASSETS_DIR, "tokenizer")).pad_token_id
+    0
   """
-  import transformers  # Imported lazily: loading weights does not need it.
+  import transformers  # pylint: disable=g-import-not-at-top  (loading weights does not need it)
 
   path = os.fspath(path)
   if not os.path.isdir(path):

@@ -1,9 +1,15 @@
-"""A decoder-only transformer (Llama / Qwen2 / Gemma / Gemma 2) with a static-shape KV cache.
+"""A decoder-only transformer with a static-shape KV cache: one `Block` whose feature flags and per-layer data
+(`ModelConfig`) cover the Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3 and OLMo 2 families.
 
 The flax.linen modules are internal; the public functions take the parameter pytree explicitly:
 
-  params = init_params(config, jax.random.key(0))
-  logits, _ = forward(params, config, tokens, positions_from_mask(mask), mask)
+  >>> from bond_jax.models.config import tiny
+  >>> config = tiny()
+  >>> params = init_params(config, jax.random.key(0))
+  >>> mask = jnp.array([[False, True, True]])
+  >>> logits, _ = forward(params, config, jnp.array([[0, 5, 6]]), positions_from_mask(mask), mask)
+  >>> logits.shape
+  (1, 3, 64)
 
 Cached decoding writes `T` new tokens of every row at the cache's shared write slot `index` (one
 `dynamic_update_slice`, static shapes); each row's validity lives in `Cache.mask`, so rows with different
@@ -21,6 +27,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from bond_jax.models import rope
 from bond_jax.models.config import ModelConfig
 
 Params = Any
@@ -46,30 +53,6 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding in the HF "rotate_half" convention (frequency i pairs dims i and i + head_dim/2).
-
-  Args:
-    x: `[batch, time, heads, head_dim]`.
-    positions: `[batch, time]` int.
-    theta: the rotary base.
-
-  Returns:
-    `[batch, time, heads, head_dim]`, rotated, in `x.dtype`.
-
-  Example:
-    >>> q = apply_rope(q, positions, 10_000.0)
-  """
-  head_dim = x.shape[-1]
-  inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angles = positions[..., None].astype(jnp.float32) * inv_freq
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-  x32 = x.astype(jnp.float32)
-  first, second = jnp.split(x32, 2, axis=-1)
-  rotated = jnp.concatenate([-second, first], axis=-1)
-  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
-
-
 def positions_from_mask(mask: jax.Array) -> jax.Array:
   """Rotary positions that count only real tokens: `[batch, time]` bool -> `[batch, time]` int32.
 
@@ -77,32 +60,45 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
   attended to.
 
   Example:
-    >>> positions_from_mask(jnp.array([[False, True, True]]))   # [[0, 0, 1]]
+    >>> positions_from_mask(jnp.array([[False, True, True]]))
+    Array([[0, 0, 1]], dtype=int32)
   """
   return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
 class RMSNorm(nn.Module):
-  """RMSNorm in float32; Gemma stores `w` and scales by `1 + w`."""
+  """RMSNorm in float32 over the last `len(shape)` axes; Gemma stores `w` and scales by `1 + w`.
+
+  The scale is stored flat (`[prod(shape)]`, 1-D like every norm scale, so `cast_to_compute_dtype` leaves it in
+  float32): OLMo 2 normalises the queries of all heads together, `shape = (heads, head_dim)`.
+  """
 
   eps: float
   plus_one: bool
   dtype: Any
   param_dtype: Any
+  ndim: int = 1
 
   @nn.compact
   def __call__(self, x):
+    shape = x.shape[-self.ndim:]
     init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
-    scale = self.param("scale", init, (x.shape[-1],), self.param_dtype).astype(jnp.float32)
-    x32 = x.astype(jnp.float32)
+    scale = self.param("scale", init, (math.prod(shape),), self.param_dtype).astype(jnp.float32)
+    x32 = x.astype(jnp.float32).reshape(x.shape[:-self.ndim] + (-1,))
     normed = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (normed * (1.0 + scale if self.plus_one else scale)).astype(self.dtype)
+    return (normed * (1.0 + scale if self.plus_one else scale)).reshape(x.shape).astype(self.dtype)
+
+
+def _norm(cfg: ModelConfig, name: str, ndim: int = 1) -> RMSNorm:
+  return RMSNorm(cfg.norm_eps, cfg.norm_plus_one, cfg.compute_dtype, cfg.weight_dtype, ndim, name=name)
 
 
 class Attention(nn.Module):
-  """Grouped-query self-attention with rotary embeddings, optional qkv bias and logit soft-capping."""
+  """Grouped-query self-attention of layer `layer`: rotary embedding, optional qkv bias, q/k norms, sliding
+  window and logit soft-capping."""
 
   config: ModelConfig
+  layer: int
 
   @nn.compact
   def __call__(self, x, positions, key_mask, layer_cache, cache_index):
@@ -113,8 +109,11 @@ class Attention(nn.Module):
     q = dense((cfg.num_heads, cfg.head_dim), -1, cfg.qkv_bias, "q")(x)
     k = dense((cfg.num_kv_heads, cfg.head_dim), -1, cfg.qkv_bias, "k")(x)
     v = dense((cfg.num_kv_heads, cfg.head_dim), -1, cfg.qkv_bias, "v")(x)
-    q = apply_rope(q, positions, cfg.rope_theta)
-    k = apply_rope(k, positions, cfg.rope_theta)
+    if cfg.qk_norm is not None:
+      ndim = 1 if cfg.qk_norm == "head" else 2
+      q, k = _norm(cfg, "q_norm", ndim)(q), _norm(cfg, "k_norm", ndim)(k)
+    rotary = cfg.rotary[self.layer]
+    q, k = rope.apply_rope(q, positions, rotary), rope.apply_rope(k, positions, rotary)
 
     batch, time = x.shape[:2]
     query_slots = jnp.arange(time)
@@ -125,7 +124,12 @@ class Attention(nn.Module):
       query_slots = query_slots + cache_index
       layer_cache = (k, v)
     key_slots = jnp.arange(k.shape[1])
-    allowed = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
+    behind = query_slots[:, None] - key_slots[None, :]  # [time, slots]
+    allowed = behind >= 0
+    window = cfg.sliding_window[self.layer]
+    if window is not None:
+      allowed &= behind < window
+    allowed = key_mask[:, None, :] & allowed[None]
 
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(batch, time, cfg.num_kv_heads, groups, cfg.head_dim)
@@ -154,23 +158,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block; Gemma 2 adds norms on the attention and MLP outputs."""
+  """Residual block `layer`: norms before (`pre_norms`) and/or on the outputs of (`post_norms`) attention and MLP."""
 
   config: ModelConfig
+  layer: int
 
   @nn.compact
   def __call__(self, x, positions, key_mask, layer_cache, cache_index):
     cfg = self.config
-    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.norm_plus_one, cfg.compute_dtype,  # noqa: E731
-                                cfg.weight_dtype, name=name)
-    h, layer_cache = Attention(cfg, name="attn")(norm("pre_attn_norm")(x), positions, key_mask,
-                                                 layer_cache, cache_index)
+    h = _norm(cfg, "pre_attn_norm")(x) if cfg.pre_norms else x
+    h, layer_cache = Attention(cfg, self.layer, name="attn")(h, positions, key_mask, layer_cache, cache_index)
     if cfg.post_norms:
-      h = norm("post_attn_norm")(h)
+      h = _norm(cfg, "post_attn_norm")(h)
     x = x + h
-    h = MLP(cfg, name="mlp")(norm("pre_mlp_norm")(x))
+    h = MLP(cfg, name="mlp")(_norm(cfg, "pre_mlp_norm")(x) if cfg.pre_norms else x)
     if cfg.post_norms:
-      h = norm("post_mlp_norm")(h)
+      h = _norm(cfg, "post_mlp_norm")(h)
     return x + h, layer_cache
 
 
@@ -196,14 +199,14 @@ class Transformer(nn.Module):
     new_k, new_v = [], []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-      x, layer_cache = Block(cfg, name=f"layer_{i}")(x, positions, key_mask, layer_cache, cache_index)
+      x, layer_cache = Block(cfg, i, name=f"layer_{i}")(x, positions, key_mask, layer_cache, cache_index)
       if cache is not None:
         new_k.append(layer_cache[0])
         new_v.append(layer_cache[1])
 
     # The head (vocab-sized for "lm") runs only where outputs are wanted, e.g. the last prompt token.
     x = x[:, output_start:]
-    x = RMSNorm(cfg.norm_eps, cfg.norm_plus_one, cfg.compute_dtype, cfg.weight_dtype, name="final_norm")(x)
+    x = _norm(cfg, "final_norm")(x)
     if cfg.head == "score":
       out = nn.Dense(cfg.num_labels, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                      name="score")(x).astype(jnp.float32)
@@ -223,7 +226,10 @@ def init_params(config: ModelConfig, rng: jax.Array) -> Params:
   """Random parameters, the `params` collection (`embedder/embedding`, `layer_{i}/attn/q/kernel`, ...).
 
   Example:
+    >>> from bond_jax.models.config import tiny
     >>> params = init_params(tiny(), jax.random.key(0))
+    >>> params["layer_0"]["attn"]["q"]["kernel"].shape   # [d_model, heads, head_dim]
+    (32, 4, 8)
   """
   dummy = jnp.zeros((1, 1), jnp.int32)
   variables = Transformer(config).init(rng, dummy, dummy, jnp.ones((1, 1), bool), None, 0)
@@ -240,7 +246,11 @@ def cast_to_compute_dtype(params: Params, config: ModelConfig) -> Params:
   1B model on an H200 ran 1.86x faster cast once: benchmarks/RESULTS.md).
 
   Example:
-    >>> decode_params = cast_to_compute_dtype(params, dataclasses.replace(cfg, dtype="bfloat16"))
+    >>> from bond_jax.models.config import tiny
+    >>> cfg = tiny(dtype="bfloat16")
+    >>> decode_params = cast_to_compute_dtype(init_params(cfg, jax.random.key(0)), cfg)
+    >>> decode_params["layer_0"]["attn"]["q"]["kernel"].dtype, decode_params["final_norm"]["scale"].dtype
+    (dtype(bfloat16), dtype('float32'))
   """
   return jax.tree.map(lambda x: x.astype(config.compute_dtype) if x.ndim >= 2 else x, params)
 
@@ -251,7 +261,9 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: j
   """Runs the transformer, optionally appending to a KV cache.
 
   Query `t` attends to key `s` iff `s` holds a real token and `s <= t` in slot order (so causal in the layout
-  of `tokens`, with pads anywhere); rotary angles come from `positions`, which should count real tokens only
+  of `tokens`, with pads anywhere), and, in a layer with a sliding window, `t - s < window` (slot distance, as
+  transformers counts it: the distance in tokens wherever a row's real tokens are contiguous, as in every
+  sequence `sampling` builds); rotary angles come from `positions`, which should count real tokens only
   (`positions_from_mask`). With a cache, the `time` new tokens are written at slots
   `[cache.index, cache.index + time)`, which must fit in the cache (writes past the end are clamped by XLA).
 
@@ -271,7 +283,13 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: j
     was given).
 
   Example:
-    >>> logits, _ = forward(params, cfg, tokens, positions_from_mask(mask), mask)
+    >>> from bond_jax.models.config import tiny
+    >>> cfg = tiny(head="score", num_labels=2)
+    >>> mask = jnp.array([[True, True, False]])
+    >>> scores, _ = forward(init_params(cfg, jax.random.key(0)), cfg, jnp.array([[4, 5, 0]]),
+    ...                     positions_from_mask(mask), mask)
+    >>> scores.shape
+    (1, 3, 2)
   """
   chex.assert_rank([tokens, positions, attention_mask], 2)
   chex.assert_equal_shape([tokens, positions, attention_mask])
@@ -285,7 +303,10 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
   """An empty KV cache of `max_len` slots per row, in the compute dtype.
 
   Example:
-    >>> cache = init_cache(cfg, batch=4, max_len=128)
+    >>> from bond_jax.models.config import tiny
+    >>> cache = init_cache(tiny(), batch=4, max_len=128)
+    >>> len(cache.k), cache.k[0].shape, int(cache.index)
+    (2, (4, 128, 2, 8), 0)
   """
   if batch < 1 or max_len < 1:
     raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}.")
