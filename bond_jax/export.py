@@ -22,6 +22,7 @@ import numpy as np
 from bond_jax import checkpointing
 from bond_jax import run_components
 from bond_jax import train_state
+from bond_jax.data import prompt_encoding
 from bond_jax.models import hf
 from bond_jax.models.config import ModelConfig
 
@@ -42,8 +43,9 @@ def export_policy(params: Any, model_config: ModelConfig, tokenizer: Any, out_di
   Args:
     params: the policy's parameters (our tree, as `hf.load_checkpoint` returns it), on any devices or mesh.
     model_config: its config (`family` decides the architecture written).
-    tokenizer: the policy's tokenizer: one with `save_pretrained` (a transformers tokenizer) has its files written
-      alongside; any other (e.g. `IdTokenizer`) or None, none are.
+    tokenizer: the policy's tokenizer (as `run_components.load_policy` returns it, or the transformers tokenizer it
+      wraps): a transformers tokenizer has its files written alongside; any other (e.g. `IdTokenizer`) or None,
+      none are.
     out_dir: the directory to write (created if missing; files of the same names are replaced).
     dtype: the dtype to write the weights in (e.g. "bfloat16"); None keeps the parameters' own.
 
@@ -69,6 +71,8 @@ def export_policy(params: Any, model_config: ModelConfig, tokenizer: Any, out_di
     return
   out_dir = os.fspath(out_dir)
   hf.save_checkpoint(host_params, model_config, out_dir)
+  if isinstance(tokenizer, prompt_encoding.PromptTokenizer):
+    tokenizer = tokenizer.tokenizer
   if hasattr(tokenizer, "save_pretrained"):
     tokenizer.save_pretrained(out_dir)
   elif tokenizer is not None:

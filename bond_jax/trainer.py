@@ -25,6 +25,7 @@ import tqdm
 from bond_jax import checkpointing
 from bond_jax import evaluation
 from bond_jax import exact_evaluation
+from bond_jax import export
 from bond_jax import memory_estimate
 from bond_jax import metrics_logging
 from bond_jax import plots
@@ -38,6 +39,9 @@ from bond_jax import train_step as train_step_lib
 from bond_jax.data import prompt_batches
 
 
+EXPORT_DIR = "policy"  # Under the workdir: the trained policy as a Hugging Face checkpoint (`export.export_policy`).
+
+
 class NonFiniteLossError(RuntimeError):
   """Too many consecutive steps had a non-finite loss; the last good state was checkpointed."""
 
@@ -47,8 +51,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   signal).
 
   Writes `workdir/config.json` (resolved config), `metrics.jsonl` (train records every `log_every` steps and
-  `eval/*` records at each evaluation), `tensorboard/`, `checkpoints/` and, at the end, `report.json` and
-  `tradeoff.png` (`plots.plot_run`).
+  `eval/*` records at each evaluation), `tensorboard/`, `checkpoints/` and, at the end, `policy/` (the trained
+  policy as a Hugging Face checkpoint in `config.policy.dtype`, with its tokenizer and stop ids), `report.json`
+  and `tradeoff.png` (`plots.plot_run`).
 
   Raises:
     run_config.ConfigError: a bad config (before anything is compiled).
@@ -96,7 +101,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if final is None:
     return {}
 
-  # The report.
+  # The report, and the policy as a Hugging Face checkpoint (every process gathers its shards; process 0 writes).
+  export.export_policy(state.params, model_config, tokenizer, os.path.join(workdir, EXPORT_DIR),
+                       dtype=config.policy.dtype)
   summary = evaluation.report(final, config.eval.bon_ns)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:

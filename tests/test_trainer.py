@@ -14,6 +14,7 @@ import pytest
 
 from bond_jax import sharding
 from bond_jax import trainer
+from bond_jax.models import hf
 import tiny_run
 
 
@@ -122,6 +123,13 @@ def test_output_files(full_run):
   assert report["bon_4"]["reward_mean"] >= report["bon_2"]["reward_mean"] >= report["reference"]["reward_mean"]
 
   assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [1, 2, 3, 4]
+
+  # The trained policy, exported as a Hugging Face checkpoint with its tokenizer: the last checkpoint's weights.
+  exported, _ = hf.load_checkpoint(os.path.join(workdir, trainer.EXPORT_DIR))
+  final_state, _ = tiny_run.restore_train_state(workdir, config)
+  jax.tree.map(np.testing.assert_array_equal, exported, final_state.params)
+  assert hf.load_tokenizer(os.path.join(workdir, trainer.EXPORT_DIR)).encode("the film") == (
+      hf.load_tokenizer(config.policy.path).encode("the film"))
 
 
 # Orbax's reader of the truncated checkpoint leaves a callback for an event loop it has closed.
