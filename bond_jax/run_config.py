@@ -17,13 +17,13 @@ import ml_collections
 
 from bond_jax import algorithms
 from bond_jax import anchor
+from bond_jax import data
 from bond_jax import sharding
 from bond_jax.data import prompt_batches
 
 REWARD_KINDS = ("default", "reward_model", "python", "python_tokens")
 USER_REWARD_KINDS = ("python", "python_tokens")  # The user's own code: checked on real prompts before compiling.
 POLICY_SOURCES = ("default", "hf_checkpoint", "init")
-DATA_SOURCES = ("default", "prompt_file", "tfds", "inline")
 
 
 class ConfigError(ValueError):
@@ -174,7 +174,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "max_seq_len")},
     "reward.kind": (_allowed(REWARD_KINDS), f"one of {REWARD_KINDS}"),
     "reward.max_len": (_non_negative, "a non-negative integer (0: twice prompt_len + max_new_tokens)"),
-    "data.source": (_allowed(DATA_SOURCES), f"one of {DATA_SOURCES}"),
+    "data.source": (_allowed(data.SOURCES), f"one of {data.SOURCES}"),
     "data.prompt_len": (_positive, "a positive integer"),
     "data.overlong": (_allowed(prompt_batches.OVERLONG_POLICIES), f"one of {prompt_batches.OVERLONG_POLICIES}"),
     "sampling.max_new_tokens": (_positive, "a positive integer"),

@@ -15,12 +15,11 @@ Example:
   (1833, 167)
 """
 
+from bond_jax import data
 from bond_jax.data import prompt_batches
 from bond_jax.data import prompt_files
 from bond_jax.data import prompt_tfds
 from bond_jax.tasks import default_assets
-
-SOURCES = ("default", "prompt_file", "tfds")
 
 
 def load_prompt_splits(source: str, *, path: str = "", tfds_name: str = "", data_dir: str = "",
@@ -52,4 +51,4 @@ def load_prompt_splits(source: str, *, path: str = "", tfds_name: str = "", data
                        f"data_dir={data_dir!r}.")
     return tuple(prompt_tfds.tfds_text_split(tfds_name, data_dir, split, text_key)
                  for split in (train_split, eval_split))
-  raise ValueError(f"source={source!r} must be one of {SOURCES}.")
+  raise ValueError(f"source={source!r} is not a source of prompt files or datasets among {data.SOURCES}.")
