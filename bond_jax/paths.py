@@ -45,6 +45,10 @@ CLIENTS = {"gs": ("gcsfs", "bond_jax[gcs]"), "s3": ("s3fs", "s3fs"), "az": ("adl
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # What a client raises when a store cannot be reached or refuses us, besides OSError and ValueError.
 _CLIENT_ERRORS = {"gs": ("gcsfs.retry:HttpError", "google.auth.exceptions:GoogleAuthError")}
+# Directories are listed afresh each time (fsspec would keep a process's first listing for good): other processes
+# change them, the other hosts of a run or a resumed run.
+for _scheme in CLIENTS:
+  fsspec.config.conf.setdefault(_scheme, {}).setdefault("use_listings_cache", False)
 
 
 class PathError(ValueError):
