@@ -55,8 +55,8 @@ def gcs_bucket(tmp_path_factory) -> str:
   log = tmp_path_factory.mktemp("gcs_emulator") / "emulator.log"
   with open(log, "w", encoding="utf-8") as out:
     emulator = subprocess.Popen(
-        [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator.py"), "start", "--host=127.0.0.1", f"--port={port}", "--in-memory",
-         f"--default-bucket={GCS_BUCKET}"], stdout=out, stderr=subprocess.STDOUT)
+        [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator.py"), "start", "--host=127.0.0.1",
+         f"--port={port}", "--in-memory", f"--default-bucket={GCS_BUCKET}"], stdout=out, stderr=subprocess.STDOUT)
   deadline = time.monotonic() + 60
   while True:
     with socket.socket() as s:

@@ -105,7 +105,8 @@ def test_run_in_a_bucket_killed_and_resumed_ends_as_the_uninterrupted_local_run(
   assert data_state == expected_data_state
   assert tiny_run.read_report(workdir) == summary
   files = _bucket_files(fs, workdir)
-  assert {"config.json", "report.json", "tradeoff.png", "policy/model.safetensors", "policy/tokenizer.json"} <= set(files)
+  assert {"config.json", "report.json", "tradeoff.png", "policy/model.safetensors", "policy/tokenizer.json"} <= {
+      *files}
   # TensorBoard events: whole event files, one per flush (each checkpoint), none rewritten.
   assert sum(name.startswith("tensorboard/events.out.tfevents.") for name in files) >= config.num_steps
   for kind in set(outcomes) - {"finished"}:
