@@ -19,7 +19,6 @@ Example:
 
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Mapping
@@ -69,11 +68,9 @@ class _EventFiles:
       return
     self._writer.close()
     self._writer = None
-    for name in os.listdir(self._staging.name):
-      staged = os.path.join(self._staging.name, name)
-      with open(staged, "rb") as f:
-        paths.write_whole(self._directory / name, f.read())
-      os.remove(staged)
+    for staged in paths.as_path(self._staging.name).iterdir():
+      paths.write_whole(self._directory / staged.name, staged.read_bytes())
+      staged.unlink()
 
   def close(self) -> None:
     self.flush()

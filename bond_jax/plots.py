@@ -11,7 +11,6 @@ Example:
 """
 
 from collections.abc import Mapping, Sequence
-import io
 import json
 import re
 
@@ -103,8 +102,7 @@ def plot_run(workdir: paths.PathLike) -> str:
   fig.suptitle(f"{workdir.name}: policy along training vs Best-of-N of the "
                "reference")
   fig.tight_layout()
-  image = io.BytesIO()
-  fig.savefig(image, format="png", dpi=110)
   path = workdir / "tradeoff.png"
-  paths.write_whole(path, image.getvalue())
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=110)
   return str(path)

@@ -3,6 +3,7 @@ mid-checkpoint and mid-training, resumed, they end exactly where the uninterrupt
 a workdir that cannot be written stops the run before anything is compiled."""
 
 import os
+import struct
 import subprocess
 import time
 
@@ -10,6 +11,7 @@ import fsspec
 import jax
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
 from bond_jax import paths
 from bond_jax.data import prompt_sources
@@ -36,6 +38,22 @@ def _step_dirs(fs, workdir: str) -> dict[int, bool]:
     if step.isdigit():
       steps[int(step)] = steps.get(int(step), False) or rest == "commit_success.txt"
   return steps
+
+
+def _tensorboard_scalars(fs, directory: str, tag: str) -> dict[int, float]:
+  """Step -> value of `tag` as TensorBoard shows it: the event files in name order, each record a length, its CRC,
+  an `Event` and its CRC, and a session START at step s hiding the earlier files' events from step s on."""
+  scalars = {}
+  for path in sorted(fs.find(directory)):
+    data, offset = fs.cat_file(path), 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 16 + length
+      if event.session_log.status == event_pb2.SessionLog.START:
+        scalars = {step: value for step, value in scalars.items() if step < event.step}
+      scalars.update({event.step: value.simple_value for value in event.summary.value if value.tag == tag})
+  return scalars
 
 
 def _wait_until(condition, process: subprocess.Popen, what: str, timeout: float = 240, poll: float = 0.01):
@@ -107,8 +125,11 @@ def test_run_in_a_bucket_killed_and_resumed_ends_as_the_uninterrupted_local_run(
   files = _bucket_files(fs, workdir)
   assert {"config.json", "report.json", "tradeoff.png", "policy/model.safetensors", "policy/tokenizer.json"} <= {
       *files}
-  # TensorBoard events: whole event files, one per flush (each checkpoint), none rewritten.
+  # TensorBoard: whole event files, one per flush (each checkpoint: never one uploaded twice), which show exactly
+  # the records of metrics.jsonl, the killed life's steps past its checkpoint hidden.
   assert sum(name.startswith("tensorboard/events.out.tfevents.") for name in files) >= config.num_steps
+  assert _tensorboard_scalars(fs, f"{workdir}/tensorboard", "loss/total") == {
+      step: np.float32(record["loss/total"]) for step, record in tiny_run.train_records(reference).items()}
   for kind in set(outcomes) - {"finished"}:
     fault_tally.record(kind, injected=0, survived=outcomes.count(kind))
 

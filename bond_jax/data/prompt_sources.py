@@ -68,8 +68,10 @@ def _local_tfds_dir(data_dir: str, tfds_name: str) -> str:
   """`data_dir` if local; else its local mirror, holding a copy of dataset `tfds_name`'s files (copied if absent)."""
   local = paths.local_mirror(data_dir)
   dataset = tfds_name.split(":")[0].split("/")[0]
-  if paths.is_remote(data_dir) and not os.path.isdir(os.path.join(local, dataset)):
-    remote = paths.as_path(data_dir) / dataset
-    if remote.is_dir():  # Else TFDS reports the dataset missing, naming data_dir.
-      paths.copy_files(remote, os.path.join(local, dataset))
+  remote, copy = paths.as_path(data_dir) / dataset, paths.as_path(local) / dataset
+  if paths.is_remote(data_dir) and not copy.is_dir() and remote.is_dir():  # Else TFDS reports it missing.
+    # Copied aside and renamed into place: a copy cut short is never taken for the dataset.
+    aside = copy.with_name(f"{dataset}.incomplete{os.getpid()}")
+    paths.copy_files(remote, aside)
+    aside.rename(copy)
   return local
