@@ -32,6 +32,7 @@ import importlib.util
 import os
 import re
 import tempfile
+import uuid
 
 from etils import epath
 import fsspec
@@ -81,6 +82,13 @@ def as_path(path: PathLike) -> Path:
 
   Raises:
     PathError: `path` has a scheme other than those of `CLIENTS`, or its client is not installed.
+
+  Example:
+    >>> as_path("gs://bucket/run").name, as_path("run") == as_path(os.path.join(os.getcwd(), "run"))
+    ('run', True)
+
+    Without s3fs, `as_path("s3://bucket/run")` raises `PathError: path 's3://bucket/run': s3:// needs the s3fs
+    package: pip install 's3fs'.`
   """
   name = scheme(path)
   if name is None:
@@ -94,7 +102,7 @@ def as_path(path: PathLike) -> Path:
   return epath.Path(os.fspath(path))
 
 
-def client_errors(path: PathLike) -> tuple[type[BaseException], ...]:
+def _client_errors(path: PathLike) -> tuple[type[BaseException], ...]:
   """The exceptions that reading or writing `path` raises when its store is missing, unreachable or refuses us."""
   errors = [OSError, ValueError]
   for qualified in _CLIENT_ERRORS.get(scheme(path), ()):
@@ -140,12 +148,12 @@ def check_workdir(path: PathLike) -> Path:
       credentials, or a store that cannot be reached.
   """
   directory = as_path(path)
-  probe = directory / f".bond_jax_write_check.{os.getpid()}"
+  probe = directory / f".bond_jax_write_check.{uuid.uuid4().hex}"  # Every host checks at once.
   try:
     directory.mkdir(parents=True, exist_ok=True)  # Nothing to create on an object store.
     probe.write_bytes(b"")
     probe.unlink()
-  except client_errors(path) as e:
+  except _client_errors(path) as e:
     hint = " (does the bucket exist?)" if is_remote(path) and isinstance(e, FileNotFoundError) else ""
     detail = " ".join(str(e).split())[:300]
     raise PathError(f"the workdir {os.fspath(path)!r} cannot be written{hint}: {type(e).__name__}: {detail}") from e
@@ -154,7 +162,16 @@ def check_workdir(path: PathLike) -> Path:
 
 def move_dir(source: PathLike, target: PathLike) -> None:
   """Moves the directory `source` to `target` (parents created): a rename on a local disk, a copy and a delete of
-  each object on an object store."""
+  each object on an object store.
+
+  Example:
+    >>> import tempfile
+    >>> root = as_path(tempfile.mkdtemp())
+    >>> write_whole(root / "3" / "state", b"...")
+    >>> move_dir(root / "3", root / "aside" / "3")
+    >>> sorted(p.name for p in root.iterdir()), (root / "aside" / "3" / "state").read_bytes()
+    (['aside'], b'...')
+  """
   source, target = as_path(source), as_path(target)
   if is_remote(source):
     fs, location = fsspec.core.url_to_fs(os.fspath(source))
@@ -166,7 +183,17 @@ def move_dir(source: PathLike, target: PathLike) -> None:
 
 def copy_files(source: PathLike, target: PathLike, skip: Sequence[str] = ()) -> None:
   """Copies the files under the directory `source` (recursively, but those whose name ends with one of `skip`)
-  into the directory `target`, each written whole (`write_whole`); either may be local or on an object store."""
+  into the directory `target`, each written whole (`write_whole`); either may be local or on an object store.
+
+  Example:
+    >>> import tempfile
+    >>> source, target = as_path(tempfile.mkdtemp()), as_path(tempfile.mkdtemp())
+    >>> write_whole(source / "tokenizer.json", "{}")
+    >>> write_whole(source / "model.safetensors", b"weights")
+    >>> copy_files(source, target / "copy", skip=(".safetensors",))
+    >>> [p.name for p in (target / "copy").iterdir()]
+    ['tokenizer.json']
+  """
   source, target = as_path(source), as_path(target)
   for entry in source.iterdir():
     if entry.is_dir():
@@ -179,7 +206,15 @@ def copy_files(source: PathLike, target: PathLike, skip: Sequence[str] = ()) -> 
 def local_copy(path: PathLike, skip: Sequence[str] = ()) -> Iterator[str]:
   """A local directory holding what the directory `path` holds (skipping names that end with one of `skip`): `path`
   itself if it is local, else a temporary copy deleted on exit. For libraries that read local files only
-  (transformers' tokenizers)."""
+  (transformers' tokenizers).
+
+  Example:
+    >>> import tempfile
+    >>> directory = tempfile.mkdtemp()
+    >>> with local_copy(directory) as local:
+    ...   local == directory
+    True
+  """
   if not is_remote(path):
     yield os.fspath(as_path(path))
     return
