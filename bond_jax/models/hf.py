@@ -705,7 +705,9 @@ def _read_onto_mesh(specs: Mapping[str, _TensorSpec], sources: Mapping[str, tupl
                     dtype: np.dtype, mesh: Mesh) -> Params:
   """Each tensor read as bands of rows, one per device of ``mesh`` (each process reading its devices' bands) and
   turned to our axis order on the host, then split, reshaped, cast to ``dtype`` and resharded as the rules say on
-  the mesh (a reshard XLA does without gathering the tensor, which a transpose on the mesh would need)."""
+  the mesh. XLA reshards without gathering the tensor when the bands fall on whole heads and the devices divide
+  its rows; otherwise (more devices than heads, padded rows) it gathers that tensor on each device within its own
+  conversion ("Involuntary full rematerialization" in the log): one tensor, never the model."""
   abstract = {}
   for spec in specs.values():
     for part_path, shape in spec.parts:
