@@ -253,8 +253,9 @@ class TrainingLoop:
   """The training loop, its state and its exits.
 
   It steps from the state's step to `config.num_steps`, reading each step's metrics one step late (so the host
-  never stalls the device; a checkpointed step's before its checkpoint, which waits for the step anyway), evaluating, checkpointing and computing the exact KLs on their schedules. It ends in
-  one of four ways, each leaving the state of its last good step checkpointed:
+  never stalls the device; a checkpointed step's before its checkpoint, which waits for the step anyway),
+  evaluating, checkpointing and computing the exact KLs on their schedules. It ends in one of four ways, each leaving
+  the state of its last good step checkpointed:
   - every step done: the final evaluation is returned;
   - SIGTERM or SIGINT: the current step is checkpointed and `run` returns no evaluation;
   - a NaN or inf reward: the step was skipped; `RewardError` names the step and the prompt;
