@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.policy = ml_collections.ConfigDict()
   c.policy.source = "default"  # "default" (shipped tiny LM) | "hf_checkpoint" (local HF dir) | "init" (random).
-  c.policy.path = ""  # Local Hugging Face checkpoint directory, for source "hf_checkpoint".
+  c.policy.path = ""  # Hugging Face checkpoint directory (local or gs://...), for source "hf_checkpoint".
   c.policy.tokenizer_path = ""  # Tokenizer directory; empty: the policy's directory (or the shipped one).
   c.policy.dtype = "float32"  # Compute dtype: "float32" | "bfloat16". Parameters stay float32.
   c.policy.pad_token = ""  # A token of the tokenizer to pad prompts with, for tokenizers without a pad token (Llama
@@ -88,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.prompts = ()  # Prompt texts for "inline".
   c.data.path = ""  # Prompt file for "prompt_file".
   c.data.tfds_name = ""  # Registered TFDS dataset for "tfds", e.g. "xsum".
-  c.data.data_dir = ""  # TFDS data_dir (prepared offline); empty: a directory inside the workdir.
+  c.data.data_dir = ""  # TFDS data_dir (prepared offline; in a bucket: copied locally); empty: inside the workdir.
   c.data.text_key = "prompt"  # Feature (TFDS) or JSON key holding the prompt text.
   c.data.prompt_len = 16  # Prompt tokens; longer prompts are handled by `overlong`.
   c.data.overlong = "truncate"  # "truncate" (keep the last prompt_len tokens) | "reject" (skip, counted).
@@ -280,7 +280,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _fail("eval.bon_ns", tuple(config.eval.bon_ns),
           f"sizes between 1 and eval.num_ref_samples = {config.eval.num_ref_samples}")
   if config.policy.source == "hf_checkpoint" and not config.policy.path:
-    _fail("policy.path", config.policy.path, "a local checkpoint directory when policy.source is 'hf_checkpoint'")
+    _fail("policy.path", config.policy.path, "a checkpoint directory when policy.source is 'hf_checkpoint'")
   if config.reward.kind == "reward_model" and not config.reward.path:
     _fail("reward.path", config.reward.path, "a local checkpoint directory when reward.kind is 'reward_model'")
   if config.reward.kind in USER_REWARD_KINDS and ":" not in config.reward.function:
