@@ -57,9 +57,10 @@ def shipped_tokenizer(path: str, chat_template: str | None = SHIPPED_TEMPLATE, d
   Example:
     >>> import tempfile
     >>> from bond_jax.models import hf
-    >>> tokenizer = hf.load_tokenizer(shipped_tokenizer(tempfile.mkdtemp(), extra_tokens=(END_OF_TURN,)))
-    >>> tokenizer.convert_ids_to_tokens(tokenizer.apply_chat_template([{"role": "user", "content": "good"}],
-    ...                                                               add_generation_prompt=True))[:2]
+    >>> tokenizer = hf.load_tokenizer(shipped_tokenizer(tempfile.mkdtemp(), extra_tokens=ROLE_TOKENS + (END_OF_TURN,)))
+    >>> ids = tokenizer.apply_chat_template([{"role": "user", "content": "good"}], add_generation_prompt=True,
+    ...                                     return_dict=False)
+    >>> tokenizer.convert_ids_to_tokens(ids)[:2]
     ['<bos>', '<user>']
   """
   tokenizer = default_assets.load_tokenizer()
