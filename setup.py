@@ -39,9 +39,10 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
-        # torch is only needed to check our converter against the PyTorch reference models.
-        # 2.13 is the CPU wheel our CI installs; newer releases default to multi-GB CUDA builds.
-        "hf": ["torch>=2.4,<2.14"],
+        # torch is only needed to check our converter against the PyTorch reference models, and peft our LoRA
+        # adapters against peft's loading. 2.13 is the CPU wheel our CI installs; newer releases default to
+        # multi-GB CUDA builds.
+        "hf": ["torch>=2.4,<2.14", "peft>=0.21"],
         # Peers for benchmarks/train_step.py, each in its own virtual environment (benchmarks/README.md).
         "bench": ["trl>=1.16", "torch>=2.4,<2.14"],
         "bench-tunix": ["google-tunix>=0.1.7"],

@@ -12,10 +12,12 @@ merged, LoRA inside the matmuls. The inside-the-matmuls row swaps two things onl
 them, and `transformer.forward` applies qwix's LoRA model (`qwix.apply_lora_to_model`), whose intercepted
 `dot_general`s add `(x @ A) @ B` to every targeted projection, in the sampler's decode loop as in the update.
 
-`scale` compiles the LoRA J-BOND step (rank 64, the base and a same-size reward model in bfloat16, batch 128,
-prompt 256 + 256 new tokens) for Llama-3-8B on 8 devices, and for Llama-3.2-1B, Llama-3.2-3B and Llama-3-8B
-shapes on one device at batch 8, and prints XLA's plan (arguments + temporaries + outputs - aliased, per device)
-beside `memory_estimate`'s. Nothing is allocated: inputs are `jax.ShapeDtypeStruct`s.
+`scale` compiles the LoRA J-BOND step (rank 64, the base and a same-size reward model in bfloat16, prompt 256 + 256
+new tokens) for Llama-3-8B on 8 data-parallel devices at batch 128 and on one device at batch 8, and the three rows
+of `compare` on 4 of Llama-3-8B's layers at batch 128 on 8 devices, and prints XLA's plan (arguments +
+temporaries + outputs - aliased, per device) beside `memory_estimate`'s. Nothing is allocated: inputs are
+`jax.ShapeDtypeStruct`s. (XLA on CPU computes bfloat16 matmuls in float32 copies of their operands, so its plans of
+bfloat16 steps are upper bounds of an accelerator's.)
 
 The last line printed is one JSON object with every figure.
 """
@@ -61,14 +63,8 @@ COMPARE_SHAPES = {
 QWIX_TARGETS = r".*(attn/(q|k|v|o)|mlp/(gate|up|down))$"
 LLAMA3_ROPE = Rotary(theta=500_000.0, kind="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                      original_max_len=8192)
-LLAMA = dict(vocab_size=128256, num_kv_heads=8, max_seq_len=8192, rotary=LLAMA3_ROPE, dtype="bfloat16")
-SCALE_MODELS = {
-    "llama3_2_1b": ModelConfig(num_layers=16, d_model=2048, num_heads=32, head_dim=64, mlp_dim=8192,
-                               tie_embeddings=True, **LLAMA),
-    "llama3_2_3b": ModelConfig(num_layers=28, d_model=3072, num_heads=24, head_dim=128, mlp_dim=8192,
-                               tie_embeddings=True, **LLAMA),
-    "llama3_8b": ModelConfig(num_layers=32, d_model=4096, num_heads=32, head_dim=128, mlp_dim=14336, **LLAMA),
-}
+LLAMA3_8B = ModelConfig(vocab_size=128256, num_layers=32, d_model=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                        mlp_dim=14336, max_seq_len=8192, rotary=LLAMA3_ROPE, dtype="bfloat16")
 
 
 def token_reward(prompts, prompt_mask, generations, generation_mask):
@@ -217,35 +213,39 @@ def compare(rank: int, steps: int) -> dict:
   return result
 
 
+MERGED = "LoRA merged (bond_jax)"
+
+
 def scale(rank: int) -> dict:
   rows = {}
-  # (model, mesh, batch, reward, row): the reward a same-size reward model ("model") or a token reward ("tokens",
-  # which qwix's patched model needs: it would look for adapters in the reward model too).
-  cases = [("llama3_8b", (1, 8, 1), 128, "model", "LoRA merged (bond_jax)"),
-           ("llama3_8b", (8, 1, 1), 128, "model", "LoRA merged (bond_jax)")]
-  cases += [(name, (1, 1, 1), 8, "model", "LoRA merged (bond_jax)") for name in SCALE_MODELS]
-  cases += [("llama3_8b", (1, 8, 1), 128, "tokens", name) for name in _variants(rank) if "LoRA" in name]
-  for name, mesh_shape, batch, reward, variant in cases:
-    model_config = SCALE_MODELS[name]
+  # (model, layers, mesh, batch, reward, row). The reward: a reward model of the policy's shape in bfloat16
+  # ("model"), or a token reward ("tokens": qwix's patched model would look for adapters in a reward model too).
+  # Whole Llama-3-8B steps take long to compile on CPU, so the three-way comparison runs 4 of its 32 layers.
+  cases = [(4, (8, 1, 1), 128, "tokens", name) for name in _variants(rank)]
+  cases += [(32, (8, 1, 1), 128, "model", MERGED), (32, (1, 1, 1), 8, "model", MERGED)]
+  for layers, mesh_shape, batch, reward, variant in cases:
+    model_config = dataclasses.replace(LLAMA3_8B, num_layers=layers, rotary=LLAMA3_ROPE, sliding_window=None)
     mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
-    config = config_for(model_config, batch=batch, prompt_len=256, new_tokens=256, rank=rank)
+    config = config_for(model_config, batch=batch, prompt_len=256, new_tokens=256,
+                        rank=rank if "LoRA" in variant else 0)
     config.mesh_shape = mesh_shape
     ref_params = jax.eval_shape(lambda c=model_config: transformer.init_params(c, jax.random.PRNGKey(0)))
-    ref_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), ref_params)
     rm_config = dataclasses.replace(model_config, head="score", num_labels=1, tie_embeddings=False)
-    reward_params = jax.eval_shape(lambda c=rm_config: transformer.init_params(c, jax.random.PRNGKey(0)))
+    reward_params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16 if x.ndim >= 2 else x.dtype),
+        jax.eval_shape(lambda c=rm_config: transformer.init_params(c, jax.random.PRNGKey(0))))
     reward_fn = (rewards.reward_model(reward_params, rm_config) if reward == "model" else
                  rewards.token_reward(token_reward))
     start = time.perf_counter()
     with _Variant(variant, rank):
       compiled, estimate, _ = compile_step(config, model_config, ref_params, mesh, reward_fn, concrete=False)
-    key = f"{name} {mesh_shape} b{batch} {reward} reward, {variant}"
+    key = f"llama3_8b[:{layers}] {mesh_shape} b{batch} {reward} reward, {variant}"
     rows[key] = plan(compiled.memory_analysis()) | {
         "estimate_gib": estimate.total / GIB, "compile_s": time.perf_counter() - start,
         "estimate_parts_gib": {k: v / GIB for k, v in estimate.parts().items()}}
     print(key, json.dumps(rows[key]), flush=True)
-  print(f"LoRA J-BOND (rank {rank}, alpha {2 * rank}), base and reward model in bfloat16, prompt 256 + 256 tokens, "
-        "mesh (data, fsdp, tensor)")
+  print(f"J-BOND, LoRA rank {rank} (alpha {2 * rank}) on q/k/v/o/gate/up/down, bfloat16 compute, the frozen base and "
+        "the reward model in bfloat16, prompt 256 + 256 tokens, mesh (data, fsdp, tensor); [:L]: the first L layers")
   _table(rows, ("arguments_gib", "temporaries_gib", "planned_gib", "estimate_gib", "compile_s"))
   return rows
 

@@ -81,9 +81,9 @@ class MemoryEstimate:
     return sum(self.parts().values())
 
   def parts(self) -> dict[str, int]:
-    """Part names, as a person reads them, to bytes per device."""
+    """Part names, as a person reads them, to bytes per device (the LoRA part only under LoRA)."""
     return {field.name.replace("_", " ").replace("params", "parameters").replace("kv", "KV"): getattr(self, field.name)
-            for field in dataclasses.fields(self)}
+            for field in dataclasses.fields(self) if field.name != "merged_params" or self.merged_params}
 
   def __str__(self) -> str:
     breakdown = ", ".join(f"{name} {_gib(value)}" for name, value in self.parts().items())

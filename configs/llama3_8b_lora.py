@@ -1,0 +1,54 @@
+r"""J-BOND with LoRA on Llama-3-8B: rank-64 adapters on a frozen bfloat16 base shared by the policy, the EMA anchor
+and the reference, 8 data-parallel devices, batch 128 (docs/method.md, "LoRA").
+
+  python experiments/run.py --config=configs/llama3_8b_lora.py --workdir=/ckpt/jbond_llama3_8b_lora \
+      --config.policy.path=/ckpt/Meta-Llama-3-8B-Instruct --config.reward.path=/ckpt/reward_model \
+      --config.data.path=/data/prompts.jsonl
+
+What makes it fit 8 x 80 GB (XLA's plan from abstract shapes: `benchmarks/lora_step.py --part scale`, figures in
+benchmarks/RESULTS.md): the trained state is the adapters (168M parameters: with the anchor's and AdamW's moments
+about 2.5 GiB, where a full fine-tune's policy, anchor and moments take 120 GiB); the base is held once, in
+bfloat16 (`base_in_compute_dtype`, 15 GiB), for the policy, the anchor and the reference alike. The mesh is data
+parallel (16 prompts per device) because until the scale work (issue 20) lands, an fsdp axis makes every device
+compute activations of the whole batch. Each step writes merged copies of the adapted kernels for the policy and
+the anchor (13 GiB each in bfloat16) and forms the policy's full-size kernel gradient, as a full fine-tune does.
+
+Settings from the paper where it has them (arXiv 2407.14622, section 5: beta 0.5, eta 0.02, 128 prompts per batch,
+100 warm-up steps); ours: LoRA's rank 64, alpha 128 and a learning rate of 5e-5 (adapters take a larger rate than
+the paper's full fine-tune at 3e-6), gamma 0.1, and 256-token prompts and generations.
+"""
+
+from bond_jax import run_config
+
+
+def get_config():
+  config = run_config.base_config()
+  config.algorithm = "jbond"
+  config.num_steps = 5000
+  config.batch_size = 128
+  config.log_every = 10
+  config.eval_every = 250
+  config.eval_batches = 2
+  config.checkpoint_every = 250
+  config.mesh_shape = (-1, 1, 1)  # Data parallel: see the docstring.
+
+  config.policy.source = "hf_checkpoint"
+  config.policy.path = ""  # Set on the command line: a local Llama-3-8B(-Instruct) Hugging Face directory.
+  config.policy.dtype = "bfloat16"
+  config.policy.pad_token = "<|finetune_right_pad_id|>"  # Llama 3's tokenizer has no pad token of its own.
+  config.policy.lora.rank = 64
+  config.policy.lora.alpha = 128.0
+  config.policy.lora.base_in_compute_dtype = True
+  config.reward.kind = "reward_model"
+  config.reward.path = ""  # A *ForSequenceClassification checkpoint with one label.
+  config.data.source = "prompt_file"
+  config.data.path = ""  # JSONL with a "prompt" field, or text with one prompt per line.
+  config.data.prompt_len = 256
+
+  config.sampling.max_new_tokens = 256
+  config.optimizer.learning_rate = 5e-5
+  config.optimizer.warmup_steps = 100
+  config.jbond.beta = 0.5
+  config.jbond.gamma = 0.1
+  config.anchor.eta = 0.02
+  return config
