@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 
-if "--part" in sys.argv and "scale" in sys.argv:
+if "--part" in sys.argv and ("scale" in sys.argv or "fit" in sys.argv):
   os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -214,40 +214,105 @@ def compare(rank: int, steps: int) -> dict:
 
 
 MERGED = "LoRA merged (bond_jax)"
+# Llama-3 shapes (their checkpoints' config.json) for the single-device search, smallest first.
+LLAMA = dict(vocab_size=128256, num_kv_heads=8, max_seq_len=8192, rotary=LLAMA3_ROPE, dtype="bfloat16")
+ONE_DEVICE_MODELS = {
+    "llama3_2_1b": ModelConfig(num_layers=16, d_model=2048, num_heads=32, head_dim=64, mlp_dim=8192,
+                               tie_embeddings=True, **LLAMA),
+    "llama3_2_3b": ModelConfig(num_layers=28, d_model=3072, num_heads=24, head_dim=128, mlp_dim=8192,
+                               tie_embeddings=True, **LLAMA),
+    "llama3_8b": LLAMA3_8B,
+}
+DEVICE_GIB = 80.0
+
+
+def lora_memory_row(model_config: ModelConfig, mesh_shape=(8, 1, 1), batch: int = 128, rank: int = 64,
+                    prompt_len: int = 256, new_tokens: int = 256, compile_plan: bool = True,
+                    variant: str = MERGED, reward: str = "model") -> dict:
+  """Per-device memory of the J-BOND step with LoRA of `rank` (0: a full fine-tune) on `model_config`, from abstract
+  shapes only: `memory_estimate`'s total and parts and, with `compile_plan`, XLA's plan of the compiled step.
+
+  The base is held in bfloat16 (`policy.lora.base_in_compute_dtype`), the adapters and their AdamW moments in
+  float32, the reward a model of the policy's shape with a one-label score head in bfloat16 (`reward="model"`) or
+  a token reward (`"tokens"`). Needs `prod(mesh_shape)` devices (`--xla_force_host_platform_device_count`).
+  `benchmarks/memory_at_scale.py` can import it for a LoRA row.
+
+  Returns:
+    `{"estimate_gib", "estimate_parts_gib", "fits_80gb"}` (the estimate against an 80 GiB device) and, with
+    `compile_plan`, `"arguments_gib", "temporaries_gib", "planned_gib", "compile_s"`.
+  """
+  mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+  config = config_for(model_config, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, rank=rank)
+  config.mesh_shape = tuple(mesh_shape)
+  ref_params = jax.eval_shape(lambda: transformer.init_params(model_config, jax.random.PRNGKey(0)))
+  rm_config = dataclasses.replace(model_config, head="score", num_labels=1, tie_embeddings=False)
+  reward_params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16 if x.ndim >= 2 else x.dtype),
+      jax.eval_shape(lambda: transformer.init_params(rm_config, jax.random.PRNGKey(0))))
+  reward_fn = (rewards.reward_model(reward_params, rm_config) if reward == "model" else
+               rewards.token_reward(token_reward))
+  if not compile_plan:
+    frozen, initial, _ = _abstract_setup(config, ref_params)
+    estimate = memory_estimate.estimate_train_memory(config, model_config, frozen, train_state.make_optimizer(
+        config.optimizer), mesh, reward_fn, initial)
+    row = {}
+  else:
+    start = time.perf_counter()
+    with _Variant(variant, rank):
+      compiled, estimate, _ = compile_step(config, model_config, ref_params, mesh, reward_fn, concrete=False)
+    row = plan(compiled.memory_analysis()) | {"compile_s": time.perf_counter() - start}
+  return row | {"estimate_gib": estimate.total / GIB, "fits_80gb": estimate.total / GIB <= DEVICE_GIB,
+                "estimate_parts_gib": {k: v / GIB for k, v in estimate.parts().items()}}
+
+
+def largest_on_one_device(rank: int = 64, batches=(1, 2, 4, 8, 16, 32, 64, 128)) -> dict:
+  """For each of `ONE_DEVICE_MODELS`, LoRA J-BOND's estimate on one device at the smallest batch and the largest
+  of `batches` whose estimate fits `DEVICE_GIB` (estimates only: no compile). Returns `{"largest": name or None,
+  "models": {name: {"params_b", "batch_1_gib", "largest_batch", "largest_batch_gib"}}}`."""
+  models = {}
+  for name, model_config in ONE_DEVICE_MODELS.items():
+    params = jax.eval_shape(lambda c=model_config: transformer.init_params(c, jax.random.PRNGKey(0)))
+    estimates = {b: lora_memory_row(model_config, (1, 1, 1), b, rank, compile_plan=False)["estimate_gib"]
+                 for b in batches}
+    fitting = [b for b, gib in estimates.items() if gib <= DEVICE_GIB]
+    models[name] = {"params_b": sum(x.size for x in jax.tree.leaves(params)) / 1e9,
+                    "batch_1_gib": estimates[batches[0]], "largest_batch": max(fitting, default=0),
+                    "largest_batch_gib": estimates[max(fitting)] if fitting else None}
+  fitting = [name for name, row in models.items() if row["largest_batch"]]
+  return {"largest": fitting[-1] if fitting else None, "models": models}
 
 
 def scale(rank: int) -> dict:
   rows = {}
-  # (model, layers, mesh, batch, reward, row). The reward: a reward model of the policy's shape in bfloat16
+  # (layers, mesh, batch, reward, row, rank). The reward: a reward model of the policy's shape in bfloat16
   # ("model"), or a token reward ("tokens": qwix's patched model would look for adapters in a reward model too).
   # Whole Llama-3-8B steps take long to compile on CPU, so the three-way comparison runs 4 of its 32 layers.
   cases = [(4, (8, 1, 1), 128, "tokens", name) for name in _variants(rank)]
-  cases += [(32, (8, 1, 1), 128, "model", MERGED), (32, (1, 1, 1), 8, "model", MERGED)]
+  cases += [(32, (8, 1, 1), 128, "model", MERGED), (32, (1, 1, 1), 1, "model", MERGED)]
   for layers, mesh_shape, batch, reward, variant in cases:
-    model_config = dataclasses.replace(LLAMA3_8B, num_layers=layers, rotary=LLAMA3_ROPE, sliding_window=None)
-    mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
-    config = config_for(model_config, batch=batch, prompt_len=256, new_tokens=256,
-                        rank=rank if "LoRA" in variant else 0)
-    config.mesh_shape = mesh_shape
-    ref_params = jax.eval_shape(lambda c=model_config: transformer.init_params(c, jax.random.PRNGKey(0)))
-    rm_config = dataclasses.replace(model_config, head="score", num_labels=1, tie_embeddings=False)
-    reward_params = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16 if x.ndim >= 2 else x.dtype),
-        jax.eval_shape(lambda c=rm_config: transformer.init_params(c, jax.random.PRNGKey(0))))
-    reward_fn = (rewards.reward_model(reward_params, rm_config) if reward == "model" else
-                 rewards.token_reward(token_reward))
-    start = time.perf_counter()
-    with _Variant(variant, rank):
-      compiled, estimate, _ = compile_step(config, model_config, ref_params, mesh, reward_fn, concrete=False)
+    model_config = dataclasses.replace(LLAMA3_8B, num_layers=layers)
     key = f"llama3_8b[:{layers}] {mesh_shape} b{batch} {reward} reward, {variant}"
-    rows[key] = plan(compiled.memory_analysis()) | {
-        "estimate_gib": estimate.total / GIB, "compile_s": time.perf_counter() - start,
-        "estimate_parts_gib": {k: v / GIB for k, v in estimate.parts().items()}}
+    rows[key] = lora_memory_row(model_config, mesh_shape, batch, rank if "LoRA" in variant else 0,
+                                variant=variant, reward=reward)
     print(key, json.dumps(rows[key]), flush=True)
   print(f"J-BOND, LoRA rank {rank} (alpha {2 * rank}) on q/k/v/o/gate/up/down, bfloat16 compute, the frozen base and "
         "the reward model in bfloat16, prompt 256 + 256 tokens, mesh (data, fsdp, tensor); [:L]: the first L layers")
   _table(rows, ("arguments_gib", "temporaries_gib", "planned_gib", "estimate_gib", "compile_s"))
   return rows
+
+
+def fit(rank: int) -> dict:
+  """Estimates only (seconds): Llama-3-8B J-BOND at batch 128 on 8 devices (data parallel, fsdp, and both), LoRA
+  against a full fine-tune, and the largest Llama-3 model whose LoRA J-BOND step fits one 80 GiB device."""
+  rows = {}
+  for mesh_shape in ((8, 1, 1), (1, 8, 1)):
+    for r in (rank, 0):
+      key = f"llama3_8b {mesh_shape} b128, {'LoRA rank %d' % r if r else 'full fine-tune'}"
+      rows[key] = lora_memory_row(LLAMA3_8B, mesh_shape, 128, r, compile_plan=False)
+      print(key, json.dumps(rows[key]), flush=True)
+  one_device = largest_on_one_device(rank)
+  print(json.dumps(one_device))
+  return {"llama3_8b_8_devices": rows, "one_device": one_device}
 
 
 def _table(rows: dict, columns) -> None:
@@ -259,12 +324,14 @@ def _table(rows: dict, columns) -> None:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--part", choices=("compare", "scale"), default="compare")
+  parser.add_argument("--part", choices=("compare", "scale", "fit"), default="compare")
   parser.add_argument("--rank", type=int, default=0, help="LoRA rank (default: 16 for compare, 64 for scale)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per row (compare)")
   args = parser.parse_args()
   if args.part == "compare":
     result = compare(args.rank or 16, args.steps)
+  elif args.part == "fit":
+    result = fit(args.rank or 64)
   else:
     result = scale(args.rank or 64)
   print(json.dumps(result))
