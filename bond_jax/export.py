@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from typing import Any
 
 from absl import logging
@@ -18,11 +19,12 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
-from safetensors.numpy import save_file
+import safetensors.numpy
 
 from bond_jax import checkpointing
 from bond_jax import fine_tuning
 from bond_jax import lora
+from bond_jax import paths
 from bond_jax import run_components
 from bond_jax import train_state
 from bond_jax.data import prompt_encoding
@@ -37,7 +39,7 @@ def _host_array(x: jax.Array) -> np.ndarray:
   return np.asarray(x)
 
 
-def export_policy(params: Any, model_config: ModelConfig, tokenizer: Any, out_dir: str | os.PathLike,
+def export_policy(params: Any, model_config: ModelConfig, tokenizer: Any, out_dir: paths.PathLike,
                   dtype: str | None = None) -> None:
   """Writes a policy as a Hugging Face checkpoint directory that `transformers` loads with the same logits.
 
@@ -49,7 +51,8 @@ def export_policy(params: Any, model_config: ModelConfig, tokenizer: Any, out_di
     tokenizer: the policy's tokenizer (as `run_components.load_policy` returns it, or the transformers tokenizer it
       wraps): a transformers tokenizer has its files written alongside; any other (e.g. `IdTokenizer`) or None,
       none are.
-    out_dir: the directory to write (created if missing; files of the same names are replaced).
+    out_dir: the directory to write, local or on an object store (`paths`; created if missing; files of the same
+      names are replaced, each written whole).
     dtype: the dtype to write the weights in (e.g. "bfloat16"); None keeps the parameters' own.
 
   Raises:
@@ -72,18 +75,19 @@ def export_policy(params: Any, model_config: ModelConfig, tokenizer: Any, out_di
     model_config = dataclasses.replace(model_config, param_dtype=dtype)
   if jax.process_index() != 0:
     return
-  out_dir = os.fspath(out_dir)
   hf.save_checkpoint(host_params, model_config, out_dir)
   if isinstance(tokenizer, prompt_encoding.PromptTokenizer):
     tokenizer = tokenizer.tokenizer
   if hasattr(tokenizer, "save_pretrained"):
-    tokenizer.save_pretrained(out_dir)
+    with tempfile.TemporaryDirectory(prefix="bond_jax_tokenizer_") as local:  # transformers writes local files.
+      tokenizer.save_pretrained(local)
+      paths.copy_files(local, out_dir)
   elif tokenizer is not None:
     logging.info("export_policy: the %s has no files to write; %s holds the model only.",
                  type(tokenizer).__name__, out_dir)
 
 
-def export_adapter(adapter: lora.Adapter, tuning: lora.Lora, model_config: ModelConfig, out_dir: str | os.PathLike,
+def export_adapter(adapter: lora.Adapter, tuning: lora.Lora, model_config: ModelConfig, out_dir: paths.PathLike,
                    base_model: str = "") -> None:
   """Writes a LoRA adapter as a peft adapter directory: `peft.PeftModel.from_pretrained(base, out_dir)` puts it on
   the base's transformers model (`export_policy` of the base) with our logits (`lora.to_peft` says how).
@@ -94,7 +98,8 @@ def export_adapter(adapter: lora.Adapter, tuning: lora.Lora, model_config: Model
     adapter: the adapter (a LoRA run's `state.params`), on any devices or mesh.
     tuning: its rank, alpha and targets.
     model_config: the base's config.
-    out_dir: the directory to write `adapter_config.json` and `adapter_model.safetensors` in (created if missing).
+    out_dir: the directory to write `adapter_config.json` and `adapter_model.safetensors` in, local or on an object
+      store (`paths`; created if missing; each file written whole).
     base_model: the base's name or path, recorded as `base_model_name_or_path`.
 
   Example:
@@ -111,14 +116,12 @@ def export_adapter(adapter: lora.Adapter, tuning: lora.Lora, model_config: Model
   if jax.process_index() != 0:
     return
   tensors, peft_config = lora.to_peft(host_adapter, tuning, model_config, base_model)
-  out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  save_file(tensors, os.path.join(out_dir, lora.PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
-  with open(os.path.join(out_dir, lora.PEFT_CONFIG_FILE), "w", encoding="utf-8") as f:
-    json.dump(peft_config, f, indent=2)
+  out_dir = paths.as_path(out_dir)
+  paths.write_whole(out_dir / lora.PEFT_WEIGHTS_FILE, safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+  paths.write_whole(out_dir / lora.PEFT_CONFIG_FILE, json.dumps(peft_config, indent=2))
 
 
-def restore_run_policy(workdir: str, step: int | None = None) -> tuple[Any, ModelConfig, Any, int]:
+def restore_run_policy(workdir: paths.PathLike, step: int | None = None) -> tuple[Any, ModelConfig, Any, int]:
   """The policy of a run's checkpoint, on the host's CPU: `(params, model_config, tokenizer, step)`.
 
   The run's `config.json` (in `workdir`) names the reference policy, which gives the tree, the model config and
@@ -127,7 +130,7 @@ def restore_run_policy(workdir: str, step: int | None = None) -> tuple[Any, Mode
   the base with the checkpoint's adapter merged (the base must be the one the run trained on).
 
   Args:
-    workdir: the run's directory (`experiments/run.py --workdir`).
+    workdir: the run's directory (`experiments/run.py --workdir`), local or on an object store.
     step: the checkpoint to read; None: the newest.
 
   Raises:
@@ -138,11 +141,10 @@ def restore_run_policy(workdir: str, step: int | None = None) -> tuple[Any, Mode
 
   `experiments/export.py` is the example: `export_policy(*restore_run_policy(workdir)[:3], out_dir)`.
   """
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} does not exist: is {workdir!r} the --workdir of a run?")
-  with open(config_path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config_path = paths.as_path(workdir) / "config.json"
+  if not config_path.exists():
+    raise FileNotFoundError(f"{config_path} does not exist: is {os.fspath(workdir)!r} the --workdir of a run?")
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
   ref_params, model_config, tokenizer = run_components.load_policy(config)
   frozen, initial, identity = fine_tuning.setup(config, ref_params, model_config)
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
@@ -150,7 +152,7 @@ def restore_run_policy(workdir: str, step: int | None = None) -> tuple[Any, Mode
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
       jax.eval_shape(lambda p: train_state.create_train_state(p, train_state.make_optimizer(config.optimizer),
                                                               config.seed), ref_params if initial is None else initial))
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, read_only=True,
+  checkpointer = checkpointing.Checkpointer(paths.as_path(workdir) / "checkpoints", keep=1, read_only=True,
                                             identity=identity)
   try:
     steps = checkpointer.steps()

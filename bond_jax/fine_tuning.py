@@ -31,9 +31,10 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
-from safetensors.numpy import load_file
+import safetensors.numpy
 
 from bond_jax import lora
+from bond_jax import paths
 from bond_jax import run_config
 from bond_jax.models import transformer
 from bond_jax.models.config import ModelConfig
@@ -108,22 +109,22 @@ def setup(config: ml_collections.ConfigDict, ref_params, model_config: ModelConf
   return Setup(frozen, fresh if start is None else start, identity)
 
 
-def load_adapter(path: str, template: lora.Adapter, tuning: lora.Lora, model_config: ModelConfig) -> lora.Adapter:
-  """The peft LoRA adapter in directory `path` (`adapter_config.json`, `adapter_model.safetensors`), for the modules
-  and shapes of `template`, at `tuning`'s scale (`lora.from_peft`).
+def load_adapter(path: paths.PathLike, template: lora.Adapter, tuning: lora.Lora,
+                 model_config: ModelConfig) -> lora.Adapter:
+  """The peft LoRA adapter in directory `path` (`adapter_config.json`, `adapter_model.safetensors`; local or on an
+  object store, `paths`), for the modules and shapes of `template`, at `tuning`'s scale (`lora.from_peft`).
 
   Raises:
     FileNotFoundError: a file is missing.
     run_config.ConfigError: the adapter does not fit the run (naming `config.policy.lora.init_path`).
   """
-  files = [os.path.join(path, name) for name in (lora.PEFT_CONFIG_FILE, lora.PEFT_WEIGHTS_FILE)]
+  files = [paths.as_path(path) / name for name in (lora.PEFT_CONFIG_FILE, lora.PEFT_WEIGHTS_FILE)]
   for file in files:
-    if not os.path.exists(file):
-      raise FileNotFoundError(f"config.policy.lora.init_path = {path!r}: no {os.path.basename(file)} (expected a "
+    if not file.exists():
+      raise FileNotFoundError(f"config.policy.lora.init_path = {os.fspath(path)!r}: no {file.name} (expected a "
                               "peft LoRA adapter directory, e.g. a LoRA run's workdir/adapter)")
-  with open(files[0], encoding="utf-8") as f:
-    peft_config = json.load(f)
+  peft_config = json.loads(files[0].read_text())
   try:
-    return lora.from_peft(load_file(files[1]), peft_config, template, tuning, model_config)
+    return lora.from_peft(safetensors.numpy.load(files[1].read_bytes()), peft_config, template, tuning, model_config)
   except ValueError as e:
-    raise run_config.ConfigError(f"config.policy.lora.init_path = {path!r} is not allowed: {e}.") from e
+    raise run_config.ConfigError(f"config.policy.lora.init_path = {os.fspath(path)!r} is not allowed: {e}.") from e
