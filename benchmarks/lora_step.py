@@ -4,6 +4,7 @@ Tunix); and the memory plan at scale, from abstract shapes only.
 
   python benchmarks/lora_step.py --part compare            # small shape, 1 CPU device; qwix's row where it imports
   python benchmarks/lora_step.py --part scale              # Llama-3 shapes, 8 simulated devices (~15 min)
+  python benchmarks/lora_step.py --part fit                # estimates only: 8B on 8 x 80 GB, the largest on one
   /tmp/qwix_venv/bin/python benchmarks/lora_step.py --part compare   # with qwix (README of benchmarks/)
 
 `compare` runs the real `train_step.TrainStep` with a token reward on one device for each of: a full fine-tune, LoRA
@@ -18,6 +19,11 @@ of `compare` on 4 of Llama-3-8B's layers at batch 128 on 8 devices, and prints X
 temporaries + outputs - aliased, per device) beside `memory_estimate`'s. Nothing is allocated: inputs are
 `jax.ShapeDtypeStruct`s. (XLA on CPU computes bfloat16 matmuls in float32 copies of their operands, so its plans of
 bfloat16 steps are upper bounds of an accelerator's.)
+
+`fit` asks `memory_estimate` alone (no compile): Llama-3-8B at batch 128 on 8 devices, LoRA and full fine-tune,
+and for Llama-3.2-1B, 3B and Llama-3-8B on one 80 GiB device, the largest batch whose step fits.
+`lora_memory_row` (one model, mesh, batch and rank: the estimate and XLA's plan) is the function another benchmark
+imports for a LoRA row.
 
 The last line printed is one JSON object with every figure.
 """
@@ -266,8 +272,8 @@ def lora_memory_row(model_config: ModelConfig, mesh_shape=(8, 1, 1), batch: int 
 
 
 def largest_on_one_device(rank: int = 64, batches=(1, 2, 4, 8, 16, 32, 64, 128)) -> dict:
-  """For each of `ONE_DEVICE_MODELS`, LoRA J-BOND's estimate on one device at the smallest batch and the largest
-  of `batches` whose estimate fits `DEVICE_GIB` (estimates only: no compile). Returns `{"largest": name or None,
+  """For each of `ONE_DEVICE_MODELS`, J-BOND's estimate with LoRA of `rank` (0: a full fine-tune) on one device at
+  the smallest batch and the largest of `batches` whose estimate fits `DEVICE_GIB` (estimates only). Returns `{"largest": name or None,
   "models": {name: {"params_b", "batch_1_gib", "largest_batch", "largest_batch_gib"}}}`."""
   models = {}
   for name, model_config in ONE_DEVICE_MODELS.items():
@@ -302,15 +308,16 @@ def scale(rank: int) -> dict:
 
 
 def fit(rank: int) -> dict:
-  """Estimates only (seconds): Llama-3-8B J-BOND at batch 128 on 8 devices (data parallel, fsdp, and both), LoRA
-  against a full fine-tune, and the largest Llama-3 model whose LoRA J-BOND step fits one 80 GiB device."""
+  """Estimates only (no compile; minutes): Llama-3-8B J-BOND at batch 128 on 8 devices (data parallel, fsdp), LoRA
+  against a full fine-tune, and the largest Llama-3 model whose J-BOND step fits one 80 GiB device, with LoRA and
+  with a full fine-tune."""
   rows = {}
   for mesh_shape in ((8, 1, 1), (1, 8, 1)):
     for r in (rank, 0):
       key = f"llama3_8b {mesh_shape} b128, {'LoRA rank %d' % r if r else 'full fine-tune'}"
       rows[key] = lora_memory_row(LLAMA3_8B, mesh_shape, 128, r, compile_plan=False)
       print(key, json.dumps(rows[key]), flush=True)
-  one_device = largest_on_one_device(rank)
+  one_device = {"LoRA": largest_on_one_device(rank), "full fine-tune": largest_on_one_device(0)}
   print(json.dumps(one_device))
   return {"llama3_8b_8_devices": rows, "one_device": one_device}
 

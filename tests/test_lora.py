@@ -207,6 +207,16 @@ def test_exports_reload_in_transformers_and_peft_with_our_logits(family, targets
                other.policy(loaded, lora.Frozen(base_params)), merged)
 
 
+def test_adapter_exports_to_and_starts_from_a_bucket(base, gcs_bucket):
+  """The adapter directory goes through `bond_jax.paths` like every run path: written to a GCS emulator's bucket
+  and read back as a starting adapter (`policy.lora.init_path`), value for value."""
+  tuning = lora.Lora(rank=2, alpha=4.0)
+  adapter = perturbed(lora.init_adapter(base, tuning, jax.random.key(1)), 0.3, seed=4)
+  export.export_adapter(adapter, tuning, TINY, f"{gcs_bucket}/lora/adapter")
+  loaded = fine_tuning.load_adapter(f"{gcs_bucket}/lora/adapter", adapter, tuning, TINY)
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(adapter))
+
+
 @pytest.fixture(scope="module")
 def lora_run(tiny_policy_dir, prompt_data_dir, tmp_path_factory):
   """A 2-step LoRA run of the tiny policy on a (2, 2, 2) mesh with a periodic anchor (a copy after step 2):
