@@ -207,6 +207,25 @@ def test_exports_reload_in_transformers_and_peft_with_our_logits(family, targets
                other.policy(loaded, lora.Frozen(base_params)), merged)
 
 
+def test_the_reference_is_the_base_or_the_starting_adapter_as_configured(base, tmp_path):
+  """With a starting adapter (`init_path`) the policy and the anchor start at base + that adapter; the reference is
+  the base alone (`reference = "base"`) or the policy's start exactly (`"start"`), in logits."""
+  tuning = fine_tuning.from_config(lora_config())
+  start = perturbed(lora.init_adapter(base, tuning, jax.random.key(1)), 0.3, seed=5)
+  export.export_adapter(start, tuning, TINY, tmp_path / "start")
+  mask = BATCH["prompt_mask"]
+  logits = jax.jit(lambda p: transformer.forward(p, TINY, BATCH["prompts"], transformer.positions_from_mask(mask),
+                                                 mask)[0])
+  started = logits(tuning.policy(start, lora.Frozen(base)))
+  for reference, expected in (("base", logits(base)), ("start", started)):
+    config = lora_config(**{"policy.lora.init_path": str(tmp_path / "start"), "policy.lora.reference": reference})
+    run_config.validate(config)
+    frozen, initial, _ = fine_tuning.setup(config, base, TINY)
+    np.testing.assert_array_equal(logits(tuning.policy(initial, frozen)), started)
+    np.testing.assert_array_equal(logits(tuning.reference(frozen)), expected)
+  assert np.abs(started - logits(base)).max() > 0.05  # The starting adapter matters.
+
+
 def test_adapter_exports_to_and_starts_from_a_bucket(base, gcs_bucket):
   """The adapter directory goes through `bond_jax.paths` like every run path: written to a GCS emulator's bucket
   and read back as a starting adapter (`policy.lora.init_path`), value for value."""
