@@ -3,7 +3,7 @@ a full fine-tune and against adapters applied inside the matmuls (`x @ W + s·(x
 Tunix); and the memory plan at scale, from abstract shapes only.
 
   python benchmarks/lora_step.py --part compare            # small shape, 1 CPU device; qwix's row where it imports
-  python benchmarks/lora_step.py --part scale              # Llama-3 shapes, 8 simulated devices (~15 min)
+  python benchmarks/lora_step.py --part scale              # Llama-3 shapes, 8 simulated devices (~1 h)
   python benchmarks/lora_step.py --part fit                # estimates only: 8B on 8 x 80 GB, the largest on one
   /tmp/qwix_venv/bin/python benchmarks/lora_step.py --part compare   # with qwix (README of benchmarks/)
 
@@ -14,7 +14,7 @@ them, and `transformer.forward` applies qwix's LoRA model (`qwix.apply_lora_to_m
 `dot_general`s add `(x @ A) @ B` to every targeted projection, in the sampler's decode loop as in the update.
 
 `scale` compiles the LoRA J-BOND step (rank 64, the base and a same-size reward model in bfloat16, prompt 256 + 256
-new tokens) for Llama-3-8B on 8 data-parallel devices at batch 128 and on one device at batch 8, and the three rows
+new tokens) for Llama-3-8B on 8 data-parallel devices at batch 128 and on one device at batch 1, and the three rows
 of `compare` on 4 of Llama-3-8B's layers at batch 128 on 8 devices, and prints XLA's plan (arguments +
 temporaries + outputs - aliased, per device) beside `memory_estimate`'s. Nothing is allocated: inputs are
 `jax.ShapeDtypeStruct`s. (XLA on CPU computes bfloat16 matmuls in float32 copies of their operands, so its plans of
