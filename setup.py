@@ -44,9 +44,10 @@ setuptools.setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "gcp-storage-emulator>=2026.7"],
         # gs:// workdirs, checkpoints and prompts (bond_jax.paths).
         "gcs": ["gcsfs>=2024.2"],
-        # torch is only needed to check our converter against the PyTorch reference models.
-        # 2.13 is the CPU wheel our CI installs; newer releases default to multi-GB CUDA builds.
-        "hf": ["torch>=2.4,<2.14"],
+        # torch is only needed to check our converter against the PyTorch reference models, and peft our LoRA
+        # adapters against peft's loading. 2.13 is the CPU wheel our CI installs; newer releases default to
+        # multi-GB CUDA builds.
+        "hf": ["torch>=2.4,<2.14", "peft>=0.21"],
         # Peers for benchmarks/train_step.py, each in its own virtual environment (benchmarks/README.md).
         "bench": ["trl>=1.16", "torch>=2.4,<2.14"],
         "bench-tunix": ["google-tunix>=0.1.7"],

@@ -2,7 +2,9 @@
 
 A checkpoint holds two items: `state` (the `TrainState` pytree, sharded arrays included) and `data` (the
 prompt iterator's JSON position), so a resumed run sees exactly the prompts an uninterrupted one would. The
-directory is any path `paths` speaks: a local disk or an object store (`gs://...`), handed to orbax as it is.
+directory is any path `paths` speaks: a local disk or an object store (`gs://...`), handed to orbax as it is. A
+checkpointer given an `identity` (what the state was trained on and does not hold: a LoRA run's base model) saves
+it in `data` and refuses a checkpoint saved with another (`CheckpointMismatchError`).
 
 A run killed at any moment leaves only complete checkpoints among the step directories. Orbax marks a step
 complete in one atomic act, which a save cut short never reaches (the next run deletes what it left): on a local
@@ -35,6 +37,7 @@ DELETING_SUBDIR = "deleting"
 # Orbax's mark of a complete step (on an object store, the only one).
 COMMIT_FILE = ocp.path.atomicity.COMMIT_SUCCESS_FILE
 _MAX_LISTED_MISMATCHES = 6
+IDENTITY_KEY = "identity"  # In the `data` item: the checkpointer's `identity`.
 
 
 class CheckpointMismatchError(ValueError):
@@ -62,7 +65,8 @@ class Checkpointer:
     >>> ckpt.close()
   """
 
-  def __init__(self, directory: paths.PathLike, keep: int, async_save: bool = True, read_only: bool = False):
+  def __init__(self, directory: paths.PathLike, keep: int, async_save: bool = True, read_only: bool = False,
+               identity: dict | None = None):
     """Opens `directory`, deleting what a killed run left unfinished there (unless `read_only`).
 
     Args:
@@ -70,7 +74,10 @@ class Checkpointer:
       keep: how many recent checkpoints to keep.
       async_save: whether `save` returns before the checkpoint is on disk.
       read_only: only restore, changing nothing on disk (e.g. to inspect the checkpoints of a run in progress).
+      identity: a JSON dict saved with every checkpoint, which `restore` requires a checkpoint to have been saved
+        with (e.g. `{"base_fingerprint": ...}`, `fine_tuning.setup`); None: nothing saved or checked.
     """
+    self._identity = identity
     self._directory = paths.as_path(directory)
     self._keep = keep
     self._read_only = read_only
@@ -98,7 +105,8 @@ class Checkpointer:
     self._retire(self.steps()[:-self._keep])
     self._manager.save(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(
+            data_state if self._identity is None else {**data_state, IDENTITY_KEY: self._identity})),
         force=True)
 
   def wait(self) -> None:
@@ -120,8 +128,8 @@ class Checkpointer:
       `(state, data_state)`.
 
     Raises:
-      CheckpointMismatchError: the checkpoint's tree or shapes differ from `abstract_state`'s (no array is read);
-        the message names the first few differences.
+      CheckpointMismatchError: the checkpoint's tree or shapes differ from `abstract_state`'s (no array is read),
+        the message naming the first few differences; or it was saved with another `identity`.
       UnreadableCheckpointError: its files cannot be read.
 
     Example (inspecting the checkpoints of a run in progress):
@@ -159,7 +167,13 @@ class Checkpointer:
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-exception-caught
       raise UnreadableCheckpointError(f"step {step}: {type(e).__name__}: {e}") from e
-    return restored["state"], restored["data"]
+    data_state = dict(restored["data"])
+    saved_identity = data_state.pop(IDENTITY_KEY, None)
+    if self._identity is not None and saved_identity != self._identity:
+      raise CheckpointMismatchError(
+          f"the checkpoint at step {step} in {self._directory} was saved with {saved_identity}, and this run has "
+          f"{self._identity} (another base model?): resume with the model it was trained on, or use a new workdir")
+    return restored["state"], data_state
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
     """Restores the newest readable checkpoint; None if there are none.

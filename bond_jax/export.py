@@ -3,7 +3,7 @@
 `export_policy` writes `config.json` (the policy's family: Llama, Gemma 3, Phi-3 with q/k/v fused again, ...),
 `generation_config.json` (every stop id, so `generate` stops where our sampler stops), `model.safetensors` and the
 tokenizer's files; `restore_run_policy` reads the policy back from a run's checkpoint (`experiments/export.py` does
-both).
+both). `export_adapter` writes a LoRA run's adapter alone, as the directory `peft` loads onto the base.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
+import safetensors.numpy
 
 from bond_jax import checkpointing
+from bond_jax import fine_tuning
+from bond_jax import lora
 from bond_jax import paths
 from bond_jax import run_components
 from bond_jax import train_state
@@ -84,12 +87,47 @@ def export_policy(params: Any, model_config: ModelConfig, tokenizer: Any, out_di
                  type(tokenizer).__name__, out_dir)
 
 
+def export_adapter(adapter: lora.Adapter, tuning: lora.Lora, model_config: ModelConfig, out_dir: paths.PathLike,
+                   base_model: str = "") -> None:
+  """Writes a LoRA adapter as a peft adapter directory: `peft.PeftModel.from_pretrained(base, out_dir)` puts it on
+  the base's transformers model (`export_policy` of the base) with our logits (`lora.to_peft` says how).
+
+  Every process must call it (adapters sharded across hosts are gathered); process 0 writes.
+
+  Args:
+    adapter: the adapter (a LoRA run's `state.params`), on any devices or mesh.
+    tuning: its rank, alpha and targets.
+    model_config: the base's config.
+    out_dir: the directory to write `adapter_config.json` and `adapter_model.safetensors` in, local or on an object
+      store (`paths`; created if missing; each file written whole).
+    base_model: the base's name or path, recorded as `base_model_name_or_path`.
+
+  Example:
+    >>> import tempfile
+    >>> from bond_jax.models import config as config_lib, transformer
+    >>> cfg, tuning = config_lib.tiny(), lora.Lora(rank=2, alpha=4.0)
+    >>> adapter = lora.init_adapter(transformer.init_params(cfg, jax.random.key(0)), tuning, jax.random.key(1))
+    >>> out = tempfile.mkdtemp()
+    >>> export_adapter(adapter, tuning, cfg, out)
+    >>> sorted(os.listdir(out))
+    ['adapter_config.json', 'adapter_model.safetensors']
+  """
+  host_adapter = jax.tree.map(_host_array, adapter)
+  if jax.process_index() != 0:
+    return
+  tensors, peft_config = lora.to_peft(host_adapter, tuning, model_config, base_model)
+  out_dir = paths.as_path(out_dir)
+  paths.write_whole(out_dir / lora.PEFT_WEIGHTS_FILE, safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+  paths.write_whole(out_dir / lora.PEFT_CONFIG_FILE, json.dumps(peft_config, indent=2))
+
+
 def restore_run_policy(workdir: paths.PathLike, step: int | None = None) -> tuple[Any, ModelConfig, Any, int]:
   """The policy of a run's checkpoint, on the host's CPU: `(params, model_config, tokenizer, step)`.
 
   The run's `config.json` (in `workdir`) names the reference policy, which gives the tree, the model config and
   the tokenizer; the checkpoint's train state is restored whole (policy, anchor and optimizer state: about four
-  times the policy's size in host memory) and its policy kept.
+  times the policy's size in host memory) and its policy kept. Under LoRA the state holds adapters: the policy is
+  the base with the checkpoint's adapter merged (the base must be the one the run trained on).
 
   Args:
     workdir: the run's directory (`experiments/run.py --workdir`), local or on an object store.
@@ -108,12 +146,14 @@ def restore_run_policy(workdir: paths.PathLike, step: int | None = None) -> tupl
     raise FileNotFoundError(f"{config_path} does not exist: is {os.fspath(workdir)!r} the --workdir of a run?")
   config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
   ref_params, model_config, tokenizer = run_components.load_policy(config)
+  frozen, initial, identity = fine_tuning.setup(config, ref_params, model_config)
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   abstract_state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
       jax.eval_shape(lambda p: train_state.create_train_state(p, train_state.make_optimizer(config.optimizer),
-                                                              config.seed), ref_params))
-  checkpointer = checkpointing.Checkpointer(paths.as_path(workdir) / "checkpoints", keep=1, read_only=True)
+                                                              config.seed), ref_params if initial is None else initial))
+  checkpointer = checkpointing.Checkpointer(paths.as_path(workdir) / "checkpoints", keep=1, read_only=True,
+                                            identity=identity)
   try:
     steps = checkpointer.steps()
     if not steps:
@@ -124,4 +164,4 @@ def restore_run_policy(workdir: paths.PathLike, step: int | None = None) -> tupl
     state, _ = checkpointer.restore(step, abstract_state)
   finally:
     checkpointer.close()
-  return state.params, model_config, tokenizer, step
+  return fine_tuning.from_config(config).policy(state.params, frozen), model_config, tokenizer, step

@@ -21,6 +21,7 @@ import math
 import os
 from typing import Any, NamedTuple
 
+from flax import traverse_util
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
@@ -29,6 +30,8 @@ import optax
 
 from bond_jax import algorithms
 from bond_jax import evaluation
+from bond_jax import fine_tuning
+from bond_jax import lora
 from bond_jax import sharding
 from bond_jax import train_state as train_state_lib
 from bond_jax.models.config import ModelConfig
@@ -57,6 +60,8 @@ class MemoryEstimate:
     fsdp_gathered_params: the policy's weights all-gathered over `fsdp` for its passes (0 without fsdp).
     kv_cache: the largest sampler KV cache (training or evaluation).
     activations: the largest forward (and backward) pass: the update, or a forward-only pass of evaluation.
+    merged_params: LoRA: the step's merged kernels of the policy and the anchor (in the compute dtype) and the
+      gradient of the policy's (float32), each the size of the adapted kernels; 0 for a full fine-tune.
   """
 
   reference_params: int
@@ -69,15 +74,16 @@ class MemoryEstimate:
   fsdp_gathered_params: int
   kv_cache: int
   activations: int
+  merged_params: int = 0
 
   @property
   def total(self) -> int:
     return sum(self.parts().values())
 
   def parts(self) -> dict[str, int]:
-    """Part names, as a person reads them, to bytes per device."""
+    """Part names, as a person reads them, to bytes per device (the LoRA part only under LoRA)."""
     return {field.name.replace("_", " ").replace("params", "parameters").replace("kv", "KV"): getattr(self, field.name)
-            for field in dataclasses.fields(self)}
+            for field in dataclasses.fields(self) if field.name != "merged_params" or self.merged_params}
 
   def __str__(self) -> str:
     breakdown = ", ".join(f"{name} {_gib(value)}" for name, value in self.parts().items())
@@ -209,7 +215,7 @@ def activation_bytes(model_config: ModelConfig, rows: int, seq_len: int, head_le
 
 def estimate_train_memory(config: ml_collections.ConfigDict, model_config: ModelConfig, ref_params: Any,
                           optimizer: optax.GradientTransformation, mesh: Mesh, reward_fn: RewardFn | None = None,
-                          ) -> MemoryEstimate:
+                          initial: Any = None) -> MemoryEstimate:
   """Estimates the bytes per device a run of `config` needs, without allocating or compiling anything.
 
   The train state is built abstractly (`jax.eval_shape` of `train_state.create_train_state`) and sharded by
@@ -224,10 +230,12 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   Args:
     config: a validated run config.
     model_config: the policy's config.
-    ref_params: the reference parameters, arrays or `jax.ShapeDtypeStruct`s.
+    ref_params: the step's frozen parameters, arrays or `jax.ShapeDtypeStruct`s: the reference's, or under LoRA
+      the `lora.Frozen` base (`fine_tuning.setup`).
     optimizer: the policy's optimizer (`train_state.make_optimizer`).
     mesh: the run's mesh.
     reward_fn: the `RewardFn` the trainer passes to its steps (its leaves are a reward model's weights), or None.
+    initial: what the state's trained parameters start from (`fine_tuning.setup`): None, a copy of `ref_params`.
 
   Returns:
     A `MemoryEstimate` in bytes per device.
@@ -237,8 +245,9 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
     >>> print(estimate)   # 0.0123 GiB per device (reference parameters 0.00103, ...)
   """
   init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
-  state = jax.eval_shape(init, ref_params)
+  state = jax.eval_shape(init, ref_params if initial is None else initial)
   state_shardings = sharding.param_shardings(state, mesh)
+  policy = jax.eval_shape(fine_tuning.from_config(config).policy, state.params, ref_params)
   state_bytes = lambda field: per_device_bytes(getattr(state, field), getattr(state_shardings, field))  # noqa: E731
   algorithm = algorithms.from_config(config)
   reward_bytes = 0 if reward_fn is None else per_device_bytes(reward_fn, sharding.param_shardings(reward_fn, mesh))
@@ -260,12 +269,24 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
       gradients=state_bytes("params"),
       optimizer_update=(state_bytes("params") + state_bytes("opt_state")
                         + (state_bytes("anchor_params") if algorithm.anchor_moves else 0)),
-      fsdp_gathered_params=fsdp_gathered_bytes(state.params, mesh),
+      fsdp_gathered_params=fsdp_gathered_bytes(policy, mesh),
       kv_cache=kv_cache_bytes(model_config, prompts_per_device * most_samples, prompt_len + new_tokens - 1),
       activations=max(
           passes(rows=prompts_per_device * (num_policy + num_best), backward=True),
           passes(rows=prompts_per_device * max(num_policy, evaluation.NUM_POLICY_SAMPLES), backward=False)),
+      merged_params=0 if initial is None else _merged_bytes(policy, state.params, mesh),
   )
+
+
+def _merged_bytes(policy: Any, adapter: Any, mesh: Mesh) -> int:
+  """Bytes per device of a LoRA step's merged kernels: the policy's and the anchor's, in the dtype of `policy` (the
+  merged policy), and the policy's gradient, in float32. Counted for every method: REINFORCE, which has no anchor,
+  was measured to hold as much (XLA's plan on CPU, float32)."""
+  adapted = {f"{module}/kernel" for module in traverse_util.flatten_dict(adapter, sep="/", is_leaf=lora.is_pair)}
+  kernels = {path: leaf for path, leaf in traverse_util.flatten_dict(policy, sep="/").items() if path in adapted}
+  in_float32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), kernels)
+  shardings = sharding.param_shardings(kernels, mesh)
+  return 2 * per_device_bytes(kernels, shardings) + per_device_bytes(in_float32, shardings)
 
 
 def _host_available_bytes() -> int:

@@ -11,6 +11,7 @@ Example:
 """
 
 from collections.abc import Callable
+import re
 from typing import Any
 
 import ml_collections
@@ -18,6 +19,7 @@ import ml_collections
 from bond_jax import algorithms
 from bond_jax import anchor
 from bond_jax import data
+from bond_jax import lora
 from bond_jax import sharding
 from bond_jax.data import prompt_batches
 
@@ -61,6 +63,20 @@ def base_config() -> ml_collections.ConfigDict:
   # 3: e.g. "<|finetune_right_pad_id|>" or its EOS token); empty: the tokenizer's own pad token.
   # Source "init": a randomly initialised transformer of this shape (seeded by `seed`), without EOS, and (unless
   # tokenizer_path is set) `id_tokenizer.IdTokenizer`, which reads and writes token ids as text.
+  # LoRA (`bond_jax.lora`; docs/method.md, "LoRA"): with rank > 0 the optimizer trains low-rank adapters on a frozen
+  # base that the policy, the anchor (base + the EMA of the adapters) and the reference share, not every parameter.
+  c.policy.lora = ml_collections.ConfigDict()
+  c.policy.lora.rank = 0  # Adapter rank r; 0: full fine-tune.
+  c.policy.lora.alpha = 16.0  # Each adapted kernel is W + (alpha / rank) · A @ B.
+  c.policy.lora.dropout = 0.0  # Only 0 (see run_config._FIELD_RULES); written to the peft adapter_config.json.
+  c.policy.lora.targets = lora.DEFAULT_TARGETS  # Regexes searched in kernel paths ("layer_3/attn/q/kernel"); the
+  # default: attention q/k/v/o and MLP gate/up/down of every layer.
+  c.policy.lora.init_path = ""  # A peft LoRA adapter directory to start from (e.g. a run's workdir/adapter); empty:
+  # A random, B = 0, so the policy starts as the base.
+  c.policy.lora.reference = "base"  # The reference: "base" (alone) | "start" (the base with the starting adapter);
+  # what KL(pi || pi_ref), REINFORCE's penalty and evaluation's Best-of-N compare against (docs/method.md, "LoRA").
+  c.policy.lora.base_in_compute_dtype = False  # Hold the frozen base's matrices in policy.dtype (bfloat16: half the
+  # memory) rather than float32; adapters and their optimizer state stay float32.
   c.policy.model = ml_collections.ConfigDict()
   c.policy.model.vocab_size = 8
   c.policy.model.num_layers = 2
@@ -170,6 +186,14 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "memory_limit_gib": (_non_negative, "a non-negative number (0: the device's own limit)"),
     "policy.source": (_allowed(POLICY_SOURCES), f"one of {POLICY_SOURCES}"),
     "policy.dtype": (_allowed(("float32", "bfloat16")), "'float32' or 'bfloat16'"),
+    "policy.lora.rank": (_non_negative, "a non-negative integer (0: full fine-tune)"),
+    "policy.lora.alpha": (_positive, "a positive number"),
+    # Merged adapters have no input of their own to drop out, and a policy scored with dropout would not be the one
+    # that drew the samples its score-function estimates need.
+    "policy.lora.dropout": (lambda v: v == 0, "0.0 (adapters are merged into the kernels, and the score-function "
+                            "estimates need the sampling policy itself)"),
+    "policy.lora.targets": (lambda v: bool(v) and all(_is_regex(p) for p in v), "a non-empty sequence of regexes"),
+    "policy.lora.reference": (_allowed(lora.REFERENCES), f"one of {lora.REFERENCES}"),
     **{f"policy.model.{name}": (_positive, "a positive integer") for name in (
         "vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "max_seq_len")},
     "reward.kind": (_allowed(REWARD_KINDS), f"one of {REWARD_KINDS}"),
@@ -197,6 +221,14 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "distributed.num_processes": (_positive, "a positive integer"),
     "distributed.process_id": (_non_negative, "a non-negative integer"),
 }
+
+
+def _is_regex(pattern: str) -> bool:
+  try:
+    re.compile(pattern)
+  except re.error:
+    return False
+  return True
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):
@@ -281,6 +313,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
           f"sizes between 1 and eval.num_ref_samples = {config.eval.num_ref_samples}")
   if config.policy.source == "hf_checkpoint" and not config.policy.path:
     _fail("policy.path", config.policy.path, "a checkpoint directory when policy.source is 'hf_checkpoint'")
+  if config.policy.lora.reference == "start" and not config.policy.lora.init_path:
+    _fail("policy.lora.reference", config.policy.lora.reference,
+          "'base' when policy.lora.init_path is empty (there is no starting adapter)")
   if config.reward.kind == "reward_model" and not config.reward.path:
     _fail("reward.path", config.reward.path, "a local checkpoint directory when reward.kind is 'reward_model'")
   if config.reward.kind in USER_REWARD_KINDS and ":" not in config.reward.function:

@@ -38,6 +38,9 @@ DEFAULT_PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"mlp/down/kernel$", P("tensor", "fsdp")),  # [mlp_dim, d_model]
     (r"lm_head/kernel$", P("fsdp", "tensor")),  # [d_model, vocab]
     (r"score/kernel$", P("fsdp", None)),  # [d_model, num_labels]
+    # LoRA adapters (`lora`): too small to be worth splitting over `tensor`; their long side over `fsdp` (ZeRO).
+    (r"lora_a$", P("fsdp", None)),  # [in, rank]
+    (r"lora_b$", P(None, "fsdp")),  # [rank, out]
     (r".*", P()),  # norms and anything else: replicated
 )
 

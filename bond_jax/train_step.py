@@ -1,7 +1,9 @@
 """One training step of any `algorithms.Algorithm`, as named phases that another trainer or a benchmark can call.
 
 `TrainStep(config, model_config, reward_fn, optimizer)` is `step(state, ref_params, batch) -> (state, metrics)`, a
-pure function the trainer jits with shardings and donation, made of these phases (each a pure method):
+pure function the trainer jits with shardings and donation, made of these phases (each a pure method), which see
+the models' parameters (`fine_tuning`: under LoRA, `ref_params` is the frozen base and the state's parameters are
+adapters, merged into the base before the phases):
 
 1. `sample`: the policy's and the anchor's samples of every prompt (`algorithm.sample_counts()`), at the run's
    sampling temperature;
@@ -32,7 +34,9 @@ import ml_collections
 import optax
 
 from bond_jax import algorithms
+from bond_jax import fine_tuning as fine_tuning_lib
 from bond_jax import kl
+from bond_jax import lora
 from bond_jax import quantiles
 from bond_jax import sampling
 from bond_jax.models.config import ModelConfig
@@ -226,14 +230,25 @@ class TrainStep:
     schedule = self.algorithm.anchor
     return state.anchor_params if schedule is None else schedule.update(state.anchor_params, params, state.step)
 
+  @property
+  def fine_tuning(self) -> fine_tuning_lib.FullFineTune | lora.Lora:
+    return fine_tuning_lib.from_config(self.config)
+
   def __call__(self, state: TrainState, ref_params, batch: Batch) -> tuple[TrainState, Metrics]:
     rng, step_rng = jax.random.split(state.rng)
-    samples = self.sample(state, batch, step_rng)
+    # The one place where the trained and frozen parameters become the models': under LoRA `ref_params` is the
+    # frozen base (`lora.Frozen`) and the state holds adapters, merged here; a full fine-tune changes nothing.
+    # The policy is merged once: its vjp takes the loss's gradient from the model's parameters to the trained ones.
+    tuning = self.fine_tuning
+    policy_params, to_trainable = jax.vjp(lambda trainable: tuning.policy(trainable, ref_params), state.params)
+    models = state.replace(params=policy_params, anchor_params=tuning.policy(state.anchor_params, ref_params))
+    samples = self.sample(models, batch, step_rng)
     rewards = self.score(batch, samples)
-    estimates = self.estimate(state, ref_params, batch, samples, rewards,
+    estimates = self.estimate(models, tuning.reference(ref_params), batch, samples, rewards,
                               with_reference=is_log_step(self.config, state.step + 1))
-    (loss, loss_metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
-        state.params, batch, samples, rewards, estimates)
+    (loss, loss_metrics), model_grads = jax.value_and_grad(self.loss, has_aux=True)(
+        models.params, batch, samples, rewards, estimates)
+    (grads,) = to_trainable(model_grads)
     grad_norm = optax.global_norm(grads)
     params, opt_state = self.update(state, grads)
     new_state = TrainState(step=state.step + 1, params=params, anchor_params=self.move_anchor(state, params),

@@ -25,6 +25,7 @@ from bond_jax import checkpointing
 from bond_jax import evaluation
 from bond_jax import exact_evaluation
 from bond_jax import export
+from bond_jax import fine_tuning
 from bond_jax import memory_estimate
 from bond_jax import metrics_logging
 from bond_jax import paths
@@ -40,6 +41,7 @@ from bond_jax.data import prompt_batches
 
 
 EXPORT_DIR = "policy"  # Under the workdir: the trained policy as a Hugging Face checkpoint (`export.export_policy`).
+ADAPTER_DIR = "adapter"  # Under the workdir, for LoRA: the trained adapter in peft's layout (`export.export_adapter`).
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,8 +54,9 @@ def train(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict:
 
   Writes `workdir/config.json` (resolved config), `metrics.jsonl` (train records every `log_every` steps and
   `eval/*` records at each evaluation), `tensorboard/`, `checkpoints/` and, at the end, `policy/` (the trained
-  policy as a Hugging Face checkpoint in `config.policy.dtype`, with its tokenizer and stop ids), `report.json`
-  and `tradeoff.png` (`plots.plot_run`). `workdir` is a local path or an object-store URI (`gs://bucket/run`, see
+  policy as a Hugging Face checkpoint in `config.policy.dtype`, with its tokenizer and stop ids; under LoRA the
+  base with the adapter merged, and `adapter/`, the adapter alone in peft's layout), `report.json` and
+  `tradeoff.png` (`plots.plot_run`). `workdir` is a local path or an object-store URI (`gs://bucket/run`, see
   `paths`); every file is written whole, and checkpoints rely on orbax's commit marks, not on renames.
 
   Raises:
@@ -80,11 +83,16 @@ def train(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict:
   reward_fn = run_components.load_reward(config, tokenizer, mesh)
   train_prompts, eval_prompts = run_components.load_prompts(config, tokenizer, model_config, workdir)
   optimizer = train_state_lib.make_optimizer(config.optimizer)
-  _check_before_compiling(config, model_config, ref_params, reward_fn, optimizer, mesh, train_prompts, eval_prompts)
+  # Under LoRA the frozen base (and the reference's adapter) stands where the reference was, and the state starts
+  # from the adapters (`fine_tuning`).
+  ref_params, initial, identity = fine_tuning.setup(config, ref_params, model_config)
+  _check_before_compiling(config, model_config, ref_params, reward_fn, optimizer, mesh, train_prompts, eval_prompts,
+                          initial)
 
   # The train state on the mesh, resumed from the workdir's latest readable checkpoint.
-  ref_params, param_shardings, state, state_shardings = sharded_train_state(config, ref_params, optimizer, mesh)
-  checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
+  ref_params, param_shardings, state, state_shardings = sharded_train_state(config, ref_params, optimizer, mesh,
+                                                                            initial)
+  checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", config.keep_checkpoints, identity=identity)
   restored = checkpointer.restore_latest(checkpointing.abstract_like(state))
   if restored is not None:
     state, data_state = restored
@@ -104,22 +112,26 @@ def train(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict:
     return {}
 
   # The report, and the policy as a Hugging Face checkpoint (every process gathers its shards; process 0 writes).
-  export.export_policy(state.params, model_config, tokenizer, workdir / EXPORT_DIR, dtype=config.policy.dtype)
+  tuning = fine_tuning.from_config(config)
+  policy_params = tuning.policy(state.params, ref_params)
+  export.export_policy(policy_params, model_config, tokenizer, workdir / EXPORT_DIR, dtype=config.policy.dtype)
+  if identity is not None:
+    export.export_adapter(state.params, tuning, model_config, workdir / ADAPTER_DIR, base_model=config.policy.path)
   summary = evaluation.report(final, config.eval.bon_ns)
   if jax.process_index() == 0:
     paths.write_whole(workdir / "report.json", json.dumps(summary, indent=2))
     print(format_report(summary))
     print(f"plot: {plots.plot_run(workdir)}")
   eval_prompts.set_state(eval_start)
-  examples = example_generations(config, model_config, tokenizer, state.params, ref_params, next(eval_prompts),
-                                 batch_sharding)
+  examples = example_generations(config, model_config, tokenizer, policy_params, tuning.reference(ref_params),
+                                 next(eval_prompts), batch_sharding)
   if jax.process_index() == 0:
     print(examples)
   return summary
 
 
 def _check_before_compiling(config: ml_collections.ConfigDict, model_config, ref_params, reward_fn, optimizer,
-                            mesh, train_prompts, eval_prompts) -> None:
+                            mesh, train_prompts, eval_prompts, initial) -> None:
   """What can be found wrong before anything is allocated on the mesh or compiled, which takes minutes at scale.
 
   The lengths against the model's context (`ConfigError`); the first batch of each prompt split, read and put
@@ -135,13 +147,17 @@ def _check_before_compiling(config: ml_collections.ConfigDict, model_config, ref
   probe = _peek(eval_prompts)
   if config.reward.kind in run_config.USER_REWARD_KINDS:
     rewards.check_reward_fn(reward_fn, probe["prompts"], probe["prompt_mask"])
-  estimate = memory_estimate.estimate_train_memory(config, model_config, ref_params, optimizer, mesh, reward_fn)
+  estimate = memory_estimate.estimate_train_memory(config, model_config, ref_params, optimizer, mesh, reward_fn,
+                                                   initial)
   logging.info("Estimated memory: %s.", estimate)
   memory_estimate.check_fits(estimate, memory_estimate.device_memory_limit(config))
 
 
-def sharded_train_state(config: ml_collections.ConfigDict, ref_params, optimizer, mesh):
+def sharded_train_state(config: ml_collections.ConfigDict, ref_params, optimizer, mesh, initial=None):
   """Places the reference on `mesh` and creates the initial train state there, sharded by the partition rules.
+
+  `initial` is what the state's trained parameters start from: None, a copy of `ref_params` (a full fine-tune);
+  under LoRA, the adapters, `ref_params` being the frozen base (`fine_tuning.setup`).
 
   Returns:
     `(ref_params, param_shardings, state, state_shardings)`, the shardings being pytrees of `NamedSharding`
@@ -149,9 +165,10 @@ def sharded_train_state(config: ml_collections.ConfigDict, ref_params, optimizer
   """
   param_shardings = sharding.param_shardings(ref_params, mesh)
   ref_params = jax.device_put(ref_params, param_shardings)
+  initial = ref_params if initial is None else initial
   init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
-  state_shardings = sharding.param_shardings(jax.eval_shape(init, ref_params), mesh)
-  return ref_params, param_shardings, jax.jit(init, out_shardings=state_shardings)(ref_params), state_shardings
+  state_shardings = sharding.param_shardings(jax.eval_shape(init, initial), mesh)
+  return ref_params, param_shardings, jax.jit(init, out_shardings=state_shardings)(initial), state_shardings
 
 
 class CompiledSteps(NamedTuple):
@@ -181,13 +198,19 @@ def compile_steps(config, model_config, reward_fn, optimizer, mesh, state, ref_p
                                               sharding=batch_sharding)
                     for key, dtype in (("prompts", np.int32), ("prompt_mask", np.bool_))}
   compile_with_reward = functools.partial(_compile_with_reward, reward_fn=reward_fn, mesh=mesh)
+  # Evaluation sees the models' parameters: the trained ones merged with the frozen base under LoRA.
+  tuning = fine_tuning.from_config(config)
+  policy_shardings = state_shardings.params
   train = compile_with_reward(
       "train step", lambda reward: train_step_lib.make_train_step(config, model_config, reward, optimizer),
       in_shardings=(state_shardings, param_shardings, batch_shardings),
       args=(state, ref_params, abstract_batch), out_shardings=(state_shardings, None), donate_argnums=1)
+  def evaluate_models(reward):
+    evaluate_step = evaluation.make_eval_step(config, model_config, reward)
+    return lambda params, frozen, *args: evaluate_step(tuning.policy(params, frozen), tuning.reference(frozen), *args)
+
   evaluate = compile_with_reward(
-      "evaluation step", lambda reward: evaluation.make_eval_step(config, model_config, reward),
-      in_shardings=(param_shardings, param_shardings, batch_shardings, None),
+      "evaluation step", evaluate_models, in_shardings=(policy_shardings, param_shardings, batch_shardings, None),
       args=(state.params, ref_params, abstract_batch, jax.random.PRNGKey(0)))
   if not config.exact.every:
     return CompiledSteps(train, evaluate, None)
@@ -196,9 +219,13 @@ def compile_steps(config, model_config, reward_fn, optimizer, mesh, state, ref_p
   exact_batch = exact_evaluation.distinct_prompts(
       {key: multihost_utils.process_allgather(np.asarray(local[key]), tiled=True)
        for key in ("prompts", "prompt_mask")})
+  def exact_models(reward):
+    exact_step = exact_evaluation.make_exact_step(config, model_config, reward)
+    return lambda params, anchor_params, frozen, batch: exact_step(
+        tuning.policy(params, frozen), tuning.policy(anchor_params, frozen), tuning.reference(frozen), batch)
+
   exact = compile_with_reward(
-      "exact evaluation", lambda reward: exact_evaluation.make_exact_step(config, model_config, reward),
-      in_shardings=(param_shardings, param_shardings, param_shardings, None),
+      "exact evaluation", exact_models, in_shardings=(policy_shardings, policy_shardings, param_shardings, None),
       args=(state.params, state.anchor_params, ref_params, exact_batch))
   return CompiledSteps(train, evaluate, lambda *params: exact(*params, exact_batch))
 

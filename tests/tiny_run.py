@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from bond_jax import checkpointing
+from bond_jax import fine_tuning
 from bond_jax import metrics_logging
 from bond_jax import paths
 from bond_jax import run_components
@@ -90,12 +91,13 @@ def tiny_config(policy_dir: str, data_dir: str = "", **overrides):
 
 def abstract_train_state(config):
   """The train state of a run of `config` as `jax.ShapeDtypeStruct`s on this process's first device."""
-  ref_params, _, _ = run_components.load_policy(config)
+  ref_params, model_config, _ = run_components.load_policy(config)
+  _, initial, _ = fine_tuning.setup(config, ref_params, model_config)  # LoRA: the state holds adapters.
   init = functools.partial(train_state.create_train_state, optimizer=train_state.make_optimizer(config.optimizer),
                            seed=config.seed)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                      jax.eval_shape(init, ref_params))
+                      jax.eval_shape(init, ref_params if initial is None else initial))
 
 
 def restore_train_state(workdir: str, config):
