@@ -18,7 +18,8 @@ def to_python_scalars(metrics: Mapping[str, object]) -> dict[str, float]:
   return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
 
-def _drop_records_after(path: str, step: int) -> None:
+def drop_records_after(path: str, step: int) -> None:
+  """Keeps the records of the JSONL file at `path` (if any) whose `step` is at most `step`."""
   if not os.path.exists(path):
     return
   kept = []
@@ -52,7 +53,7 @@ class MetricsWriter:
     if self._active:
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, "metrics.jsonl")
-      _drop_records_after(path, resume_step)
+      drop_records_after(path, resume_step)
       self._jsonl = open(path, "a", encoding="utf-8")
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 

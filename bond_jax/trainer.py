@@ -32,7 +32,6 @@ from bond_jax import plots
 from bond_jax import rewards
 from bond_jax import run_components
 from bond_jax import run_config
-from bond_jax import sampling
 from bond_jax import sharding
 from bond_jax import train_state as train_state_lib
 from bond_jax import train_step as train_step_lib
@@ -40,6 +39,8 @@ from bond_jax.data import prompt_batches
 
 
 EXPORT_DIR = "policy"  # Under the workdir: the trained policy as a Hugging Face checkpoint (`export.export_policy`).
+COMPLETIONS_FILE = "completions.jsonl"  # Under the workdir: samples of every evaluation (`evaluation.completion_rows`).
+REPORT_ROWS = 3  # Rows of the last evaluation's completions that the report prints.
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,9 +52,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   signal).
 
   Writes `workdir/config.json` (resolved config), `metrics.jsonl` (train records every `log_every` steps and
-  `eval/*` records at each evaluation), `tensorboard/`, `checkpoints/` and, at the end, `policy/` (the trained
-  policy as a Hugging Face checkpoint in `config.policy.dtype`, with its tokenizer and stop ids), `report.json`
-  and `tradeoff.png` (`plots.plot_run`).
+  `eval/*` records at each evaluation, with standard errors), `completions.jsonl` (a reference, a policy and a
+  Best-of-N sample of each held-out prompt at each evaluation), `tensorboard/`, `checkpoints/` and, at the end,
+  `policy/` (the trained policy as a Hugging Face checkpoint in `config.policy.dtype`, with its tokenizer and stop
+  ids), `report.json` (with standard errors and the policy's distance to the Best-of-N frontier) and `tradeoff.png`
+  (`plots.plot_run`).
 
   Raises:
     run_config.ConfigError: a bad config (before anything is compiled).
@@ -95,8 +98,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         state_shardings, batch_sharding, eval_prompts)
 
   # The loop.
-  eval_start = eval_prompts.get_state()
-  with TrainingLoop(config, workdir, steps, checkpointer, train_prompts, eval_prompts, batch_sharding) as loop:
+  with TrainingLoop(config, workdir, steps, checkpointer, train_prompts, eval_prompts, batch_sharding,
+                    tokenizer) as loop:
     state, final = loop.run(state, ref_params)
   if final is None:
     return {}
@@ -109,12 +112,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2)
     print(format_report(summary))
+    print(format_completions(loop.completions[:REPORT_ROWS]))
     print(f"plot: {plots.plot_run(workdir)}")
-  eval_prompts.set_state(eval_start)
-  examples = example_generations(config, model_config, tokenizer, state.params, ref_params, next(eval_prompts),
-                                 batch_sharding)
-  if jax.process_index() == 0:
-    print(examples)
   return summary
 
 
@@ -185,10 +184,12 @@ def compile_steps(config, model_config, reward_fn, optimizer, mesh, state, ref_p
       "train step", lambda reward: train_step_lib.make_train_step(config, model_config, reward, optimizer),
       in_shardings=(state_shardings, param_shardings, batch_shardings),
       args=(state, ref_params, abstract_batch), out_shardings=(state_shardings, None), donate_argnums=1)
+  # Per-prompt outputs, replicated: every host reads all of them (they are small).
   evaluate = compile_with_reward(
       "evaluation step", lambda reward: evaluation.make_eval_step(config, model_config, reward),
       in_shardings=(param_shardings, param_shardings, batch_shardings, None),
-      args=(state.params, ref_params, abstract_batch, jax.random.PRNGKey(0)))
+      args=(state.params, ref_params, abstract_batch, jax.random.PRNGKey(0)),
+      out_shardings=NamedSharding(mesh, P()))
   if not config.exact.every:
     return CompiledSteps(train, evaluate, None)
   # The first held-out batch, each prompt once, replicated: every host gathers the same prompts.
@@ -261,11 +262,14 @@ class TrainingLoop:
   - `config.max_consecutive_nonfinite` non-finite steps in a row: `NonFiniteLossError`.
 
   Use it as a context manager: leaving it restores the signal handlers and closes the metric sinks.
+
+  Attributes:
+    completions: the rows the last evaluation wrote to `completions.jsonl` (`evaluation.completion_rows`).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, steps: CompiledSteps,
                checkpointer: checkpointing.Checkpointer, train_prompts: prompt_batches.PromptIterator,
-               eval_prompts: prompt_batches.PromptIterator, batch_sharding: NamedSharding):
+               eval_prompts: prompt_batches.PromptIterator, batch_sharding: NamedSharding, tokenizer):
     self._config = config
     self._workdir = workdir
     self._steps = steps
@@ -274,6 +278,8 @@ class TrainingLoop:
     self._eval_prompts = eval_prompts
     self._eval_start = eval_prompts.get_state()
     self._batch_sharding = batch_sharding
+    self._tokenizer = tokenizer
+    self.completions = []
     self._state = None
     self._ref_params = None
     self._pending = None  # (step, metrics on the device, this host's prompt texts) of the last step run.
@@ -305,6 +311,8 @@ class TrainingLoop:
     self._state, self._ref_params = state, ref_params
     self._start_step = int(state.step)
     self._writer = metrics_logging.MetricsWriter(self._workdir, resume_step=self._start_step)
+    if jax.process_index() == 0:
+      metrics_logging.drop_records_after(os.path.join(self._workdir, COMPLETIONS_FILE), self._start_step)
     self._progress = tqdm.tqdm(total=config.num_steps, initial=self._start_step, desc=config.algorithm,
                                unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
     if self._start_step == 0:
@@ -372,15 +380,25 @@ class TrainingLoop:
     self._checkpointer.close()
 
   def _evaluate(self, step: int) -> dict[str, float]:
-    """Evaluates the policy on the same held-out prompts every time; logs and returns the averaged metrics."""
+    """Evaluates the policy on the same held-out prompts every time; logs and returns the metrics averaged over
+    prompts, with their standard errors (`evaluation.summarize`), and writes the samples to `completions.jsonl`."""
     self._eval_prompts.set_state(self._eval_start)
     rng = jax.random.PRNGKey(self._config.seed + 1)
-    records = [jax.device_get(self._steps.evaluate(
-                   self._state.params, self._ref_params,
-                   _global_batch(next(self._eval_prompts), self._batch_sharding), jax.random.fold_in(rng, i)))
-               for i in range(self._config.eval_batches)]
-    metrics = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+    outputs, texts = [], []
+    for i in range(self._config.eval_batches):
+      batch = next(self._eval_prompts)
+      outputs.append(jax.device_get(self._steps.evaluate(self._state.params, self._ref_params, _global_batch(
+          batch, self._batch_sharding), jax.random.fold_in(rng, i))))
+      texts.append(batch["text"])  # This host's rows, the first of the global batch on process 0.
+    metrics = evaluation.summarize([out.metrics for out in outputs])
     self._writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+    bon_ns = self._config.eval.bon_ns
+    decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    self.completions = [row for out, batch_texts in zip(outputs, texts) for row in evaluation.completion_rows(
+        step, out.completions, batch_texts, decode, bon_ns, evaluation.nearest_bon_n(metrics, bon_ns))]
+    if jax.process_index() == 0:
+      with open(os.path.join(self._workdir, COMPLETIONS_FILE), "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in self.completions)
     return metrics
 
   def _exact(self, step: int) -> None:
@@ -404,30 +422,27 @@ def _nonfinite_reward_message(step: int, metrics: dict[str, float], texts: list[
 
 
 def format_report(summary: dict[str, dict[str, float]]) -> str:
-  """The report as a table: one row per sampler (reference, Best-of-N, policy)."""
-  lines = [f"{'sampler':<10} {'reward':>9} {'quantile':>9} {'KL(.||ref)':>11}"]
-  lines += [f"{name:<10} {row['reward_mean']:>9.3f} {row['reward_quantile']:>9.3f} {row['kl_to_ref']:>11.3f}"
-            for name, row in summary.items()]
+  """The report as a table: one row per sampler (reference, Best-of-N, policy), each mean ± its standard error, and
+  where the policy stands against the Best-of-N frontier at its KL."""
+  lines = [f"{'sampler':<10} {'reward':>15} {'quantile':>15} {'KL(.||ref)':>15}"]
+  for name, row in summary.items():
+    cells = " ".join(f"{row[field]:>7.3f} ± {row[field + '_se']:.3f}"
+                     for field in ("reward_mean", "reward_quantile", "kl_to_ref"))
+    bound = f"  (tie-free bound {row['kl_bound']:.3f})" if "kl_bound" in row else ""
+    lines.append(f"{name:<10} {cells}{bound}")
+  policy = summary["policy"]
+  lines.append(f"Best-of-N frontier at the policy's KL: quantile {policy['frontier_quantile']:.3f}; the policy is "
+               f"{policy['frontier_gap']:+.3f} ± {policy['frontier_gap_se']:.3f} from it")
   return "\n".join(lines)
 
 
-def example_generations(config, model_config, tokenizer, params, ref_params, batch: dict,
-                        batch_sharding: NamedSharding) -> str:
-  """The first prompt of `batch` (this host's rows of a held-out batch) with a reference and a policy generation,
-  for a person to read.
-
-  Every process calls it: the parameters may span processes, so sampling runs on the mesh and its output comes
-  back replicated. The prompt is process 0's first row.
-  """
-  sample_config = sampling.make_sampling_config(config.sampling, model_config, 1)
-  rng = jax.random.PRNGKey(config.seed + 2)
-  sample_first = jax.jit(
-      lambda p, b: sampling.sample(p, b["prompts"][:1], b["prompt_mask"][:1], rng, sample_config, model_config),
-      out_shardings=NamedSharding(batch_sharding.mesh, P()))
-  global_batch = _global_batch(batch, batch_sharding)
-  texts = {}
-  for name, p in (("reference", ref_params), ("policy", params)):
-    out = sample_first(p, global_batch)
-    ids = np.asarray(out.tokens)[0, 0][np.asarray(out.mask)[0, 0]]
-    texts[name] = tokenizer.decode(ids.tolist(), skip_special_tokens=True)
-  return (f"prompt:    {batch['text'][0]}\nreference: {texts['reference']}\npolicy:    {texts['policy']}")
+def format_completions(rows: list[dict]) -> str:
+  """Rows of `completions.jsonl` for a person to read: each prompt with its samples, rewards and quantiles."""
+  blocks = []
+  for row in rows:
+    labels = {"reference": "reference", "policy": "policy", "best_of_n": f"Best-of-{row['best_of_n']['n']}"}
+    lines = [f"{'prompt':<12} {row['prompt']}"]
+    lines += [f"{label:<12} {row[key]['text']}  (reward {row[key]['reward']:.2f}, quantile {row[key]['quantile']:.2f})"
+              for key, label in labels.items()]
+    blocks.append("\n".join(lines))
+  return "\n\n".join(blocks)
