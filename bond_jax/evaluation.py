@@ -188,16 +188,21 @@ def frontier_points(metrics: dict[str, float]) -> list[dict[str, float]]:
           for n in FRONTIER_NS]
 
 
-def frontier_quantile(points: Sequence[dict[str, float]], kl) -> np.ndarray:
-  """The frontier's quantile at `kl` (nats; a number or an array), interpolated linearly between `points`
-  (`frontier_points`); beyond the last point, its quantile.
+def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> tuple[float, float]:
+  """`(y, dy/dx)` at `x` of the piecewise-linear curve through `(xs, ys)` (`xs` non-decreasing): the value and the
+  slope of the segment that holds `x`; beyond either end, the end's value and slope 0.
 
   Example:
-    >>> points = [{"kl": 0.0, "quantile": 0.5}, {"kl": 1.0, "quantile": 0.9}]
-    >>> float(frontier_quantile(points, 0.25))
-    0.6
+    >>> interpolate([0.0, 1.0, 2.0], [0.5, 0.9, 1.0], 0.25)
+    (0.6, 0.4)
   """
-  return np.interp(kl, [p["kl"] for p in points], [p["quantile"] for p in points])
+  xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+  value = float(np.interp(x, xs, ys))
+  if not xs[0] <= x < xs[-1]:
+    return value, 0.0
+  i = int(np.searchsorted(xs, x, side="right") - 1)
+  width = xs[i + 1] - xs[i]
+  return value, float((ys[i + 1] - ys[i]) / width) if width > 0 else 0.0
 
 
 def summarize(per_prompt: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -209,9 +214,11 @@ def summarize(per_prompt: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
   Returns:
     `{name: mean}` and `{name + "/se": standard error}` for every per-prompt metric (sample standard deviation over
     prompts / sqrt(prompts)); the frontier as `frontier/kl/bon_N` and `frontier/quantile/bon_N` for each N of
-    `FRONTIER_NS`; `frontier/quantile_at_policy_kl` and `frontier/gap` (`quantile/policy` minus it) with its
-    standard error: with `f` the frontier and `f'` its slope at the policy's KL, the standard error over prompts of
-    `quantile_i - f'(KL) · KL_i`.
+    `FRONTIER_NS`; where the policy stands against it, with standard errors to first order (over prompts, of the
+    per-prompt values linearised around the means):
+    - `frontier/quantile_at_policy_kl`, and `frontier/gap`: `quantile/policy` minus it (below the frontier: < 0);
+    - `frontier/kl_at_policy_quantile`, the KL at which Best-of-N reaches the policy's quantile, and
+      `frontier/excess_kl`: `kl/policy_ref` minus it, the nats the policy spends beyond Best-of-N's.
 
   Example:
     >>> ns = np.array(FRONTIER_NS)   # A tie-free frontier for both prompts.
@@ -223,6 +230,8 @@ def summarize(per_prompt: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
     (0.75, 0.05)
     >>> round(metrics["frontier/quantile_at_policy_kl"], 4), round(metrics["frontier/gap"], 4)
     (0.8113, -0.0613)
+    >>> round(metrics["frontier/kl_at_policy_quantile"], 4), round(metrics["frontier/excess_kl"], 4)   # N = 3
+    (0.4319, 0.2681)
   """
   values = {name: np.concatenate([np.asarray(p[name]) for p in per_prompt]) for name in per_prompt[0]}
   metrics = {}
@@ -234,27 +243,19 @@ def summarize(per_prompt: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
     means = np.mean(values[f"frontier/{metric}"], axis=0)
     metrics |= {f"frontier/{metric}/bon_{n}": float(m) for n, m in zip(FRONTIER_NS, means, strict=True)}
   points = frontier_points(metrics)
-  kl = metrics["kl/policy_ref"]
-  metrics["frontier/quantile_at_policy_kl"] = float(frontier_quantile(points, kl))
-  metrics["frontier/gap"] = metrics["quantile/policy"] - metrics["frontier/quantile_at_policy_kl"]
-  slope = frontier_slope(points, kl)
-  metrics["frontier/gap" + SE_SUFFIX] = standard_error(values["quantile/policy"] - slope * values["kl/policy_ref"])
+  kls, qs = [p["kl"] for p in points], [p["quantile"] for p in points]
+  kl_i, q_i = values["kl/policy_ref"], values["quantile/policy"]
+  at_kl, slope = interpolate(kls, qs, metrics["kl/policy_ref"])
+  at_quantile, inverse_slope = interpolate(qs, kls, metrics["quantile/policy"])
+  metrics |= {
+      "frontier/quantile_at_policy_kl": at_kl,
+      "frontier/gap": metrics["quantile/policy"] - at_kl,
+      "frontier/gap" + SE_SUFFIX: standard_error(q_i - slope * kl_i),
+      "frontier/kl_at_policy_quantile": at_quantile,
+      "frontier/excess_kl": metrics["kl/policy_ref"] - at_quantile,
+      "frontier/excess_kl" + SE_SUFFIX: standard_error(kl_i - inverse_slope * q_i),
+  }
   return metrics
-
-
-def frontier_slope(points: Sequence[dict[str, float]], kl: float) -> float:
-  """The slope (quantile per nat) of the frontier's segment that holds `kl`; 0 beyond the last point.
-
-  Example:
-    >>> frontier_slope([{"kl": 0.0, "quantile": 0.5}, {"kl": 1.0, "quantile": 0.9}], 0.25)
-    0.4
-  """
-  kls, qs = np.array([p["kl"] for p in points]), np.array([p["quantile"] for p in points])
-  if kl >= kls[-1]:
-    return 0.0
-  i = int(np.clip(np.searchsorted(kls, kl, side="right") - 1, 0, len(kls) - 2))
-  width = kls[i + 1] - kls[i]
-  return float((qs[i + 1] - qs[i]) / width) if width > 0 else 0.0
 
 
 def standard_error(values: np.ndarray) -> float:
@@ -276,8 +277,9 @@ def report(eval_metrics: dict[str, float], bon_ns: Sequence[int]) -> dict[str, d
 
   `kl_to_ref` is 0 for the reference, exact with ties for Best-of-N (`quantiles.bon_kl_and_quantile`; `kl_bound`
   is the tie-free `log N - (N-1)/N`, an upper bound) and `sampling.generation_kl` for the policy, whose row also
-  holds `frontier_quantile` (the frontier's quantile at the policy's KL) and `frontier_gap` (the policy's quantile
-  minus that) with `frontier_gap_se`.
+  holds `frontier_quantile` (the frontier's quantile at the policy's KL), `frontier_gap` (the policy's quantile
+  minus that) and `frontier_excess_kl` (the policy's KL minus the frontier's at the policy's quantile), with their
+  standard errors.
 
   Example:
     >>> ns = np.array(FRONTIER_NS)
@@ -308,7 +310,9 @@ def report(eval_metrics: dict[str, float], bon_ns: Sequence[int]) -> dict[str, d
   summary["policy"] = row("policy", "kl/policy_ref") | {
       "frontier_quantile": eval_metrics["frontier/quantile_at_policy_kl"],
       "frontier_gap": eval_metrics["frontier/gap"],
-      "frontier_gap_se": eval_metrics["frontier/gap" + SE_SUFFIX]}
+      "frontier_gap_se": eval_metrics["frontier/gap" + SE_SUFFIX],
+      "frontier_excess_kl": eval_metrics["frontier/excess_kl"],
+      "frontier_excess_kl_se": eval_metrics["frontier/excess_kl" + SE_SUFFIX]}
   return {name: {field: float(value) for field, value in fields.items()} for name, fields in summary.items()}
 
 

@@ -432,7 +432,9 @@ def format_report(summary: dict[str, dict[str, float]]) -> str:
     lines.append(f"{name:<10} {cells}{bound}")
   policy = summary["policy"]
   lines.append(f"Best-of-N frontier at the policy's KL: quantile {policy['frontier_quantile']:.3f}; the policy is "
-               f"{policy['frontier_gap']:+.3f} ± {policy['frontier_gap_se']:.3f} from it")
+               f"{policy['frontier_gap']:+.3f} ± {policy['frontier_gap_se']:.3f} from it and spends "
+               f"{policy['frontier_excess_kl']:.2f} ± {policy['frontier_excess_kl_se']:.2f} nats more than Best-of-N "
+               "for its quantile")
   return "\n".join(lines)
 
 

@@ -83,7 +83,7 @@ def _synthetic_evaluation(rng, prompts):
 def test_standard_errors_match_the_spread_of_repeated_evaluations():
   rng = np.random.default_rng(0)
   runs = [evaluation.summarize([_synthetic_evaluation(rng, prompts=40)]) for _ in range(1000)]
-  for name in ("quantile/policy", "kl/policy_ref", "frontier/gap"):
+  for name in ("quantile/policy", "kl/policy_ref", "frontier/gap", "frontier/excess_kl"):
     spread = np.std([r[name] for r in runs])
     reported = np.mean([r[name + evaluation.SE_SUFFIX] for r in runs])
     assert reported == pytest.approx(spread, rel=0.08), name
