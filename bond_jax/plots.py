@@ -13,7 +13,8 @@ Example:
   >>> frontier = {f"eval/frontier/{metric}/bon_{n}": value for n in evaluation.FRONTIER_NS
   ...             for metric, value in (("kl", math.log(n) - (n - 1) / n), ("quantile", n / (n + 1)))}
   >>> record = {"step": 100, "eval/reward/policy": 0.7, "eval/quantile/policy": 0.8, "eval/kl/policy_ref": 1.0,
-  ...           "eval/reward/reference": 0.1, "eval/quantile/reference": 0.5, **frontier}
+  ...           "eval/reward/reference": 0.1, "eval/quantile/reference": 0.5, "eval/frontier/gap": -0.06,
+  ...           "eval/frontier/gap/se": 0.01, **frontier}
   >>> with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
   ...   _ = f.write(json.dumps(record) + "\\n")
   >>> os.path.basename(plot_run(workdir))
@@ -27,6 +28,7 @@ import re
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+import numpy as np
 
 from bond_jax import evaluation
 from bond_jax import quantiles
@@ -56,12 +58,30 @@ def _point(record: Mapping[str, float], reward: str, quantile: str, kl: str | No
 
 
 def eval_curve(records: Sequence[dict]) -> list[dict[str, float]]:
-  """`[{step, kl, reward, quantile, kl_se, reward_se, quantile_se}]` of the policy at each evaluation, led by the
-  reference at step 0, KL 0."""
+  """`[{step, kl, reward, quantile, gap, kl_se, reward_se, quantile_se, gap_se}]` of the policy at each evaluation
+  (`gap`: its quantile minus the frontier's at its KL), led by the reference at step 0, KL 0, gap 0."""
   first = records[0]
-  curve = [{"step": 0, **_point(first, "eval/reward/reference", "eval/quantile/reference", None)}]
-  return curve + [{"step": r["step"], **_point(r, "eval/reward/policy", "eval/quantile/policy", "eval/kl/policy_ref")}
-                  for r in records]
+  curve = [{"step": 0, **_point(first, "eval/reward/reference", "eval/quantile/reference", None), "gap": 0.0,
+            "gap_se": 0.0}]
+  return curve + [{"step": r["step"], **_point(r, "eval/reward/policy", "eval/quantile/policy", "eval/kl/policy_ref"),
+                   "gap": r["eval/frontier/gap"], "gap_se": r["eval/frontier/gap" + _SE]} for r in records]
+
+
+def mean_curve(curves: Sequence[Sequence[Mapping[str, float]]]) -> list[dict[str, float]]:
+  """The mean over seeds of `eval_curve`s at the steps they all have, each `..._se` the standard error over seeds.
+
+  Example:
+    >>> mean_curve([[{"step": 0, "kl": 1.0}], [{"step": 0, "kl": 2.0}, {"step": 5, "kl": 3.0}]])
+    [{'step': 0, 'kl': 1.5, 'kl_se': 0.5}]
+  """
+  by_step = [{row["step"]: row for row in curve} for curve in curves]
+  steps = sorted(set.intersection(*(set(rows) for rows in by_step)))
+  fields = [f for f in curves[0][0] if f != "step" and not f.endswith("_se")]
+  return [{"step": step, **{name: value for field in fields for name, value in (
+              (field, float(np.mean([rows[step][field] for rows in by_step]))),
+              (field + "_se", evaluation.standard_error([rows[step][field] for rows in by_step])
+               if len(by_step) > 1 else 0.0))}}
+          for step in steps]
 
 
 def best_of_n_points(record: Mapping[str, float]) -> list[dict[str, float]]:

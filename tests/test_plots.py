@@ -23,7 +23,8 @@ def _eval_record(step: int, kl: float) -> dict:
           "eval/reward/policy/se": 0.01, "eval/quantile/policy": 0.5 + 0.01 * step, "eval/quantile/policy/se": 0.02,
           "eval/reward/reference": -0.2, "eval/quantile/reference": 0.49, "eval/reward/bon_2": 0.3,
           "eval/quantile/bon_2": 0.66, "eval/quantile/bon_2/se": 0.004, "eval/kl/bon_2": 0.19,
-          "eval/reward/bon_16": 0.9, "eval/quantile/bon_16": 0.93, "eval/kl/bon_16": 1.8, **frontier}
+          "eval/reward/bon_16": 0.9, "eval/quantile/bon_16": 0.93, "eval/kl/bon_16": 1.8,
+          "eval/frontier/gap": -0.1, "eval/frontier/gap/se": 0.01, **frontier}
 
 
 @pytest.fixture
