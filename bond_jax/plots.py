@@ -8,7 +8,7 @@ frontier, Best-of-N's expected quantile against its KL for N up to 8192, is draw
 Uses matplotlib's object API (no pyplot), so importing this module changes no global backend.
 
 Example:
-  >>> import json, math, tempfile
+  >>> import json, math, os, tempfile
   >>> workdir = tempfile.mkdtemp()
   >>> frontier = {f"eval/frontier/{metric}/bon_{n}": value for n in evaluation.FRONTIER_NS
   ...             for metric, value in (("kl", math.log(n) - (n - 1) / n), ("quantile", n / (n + 1)))}
@@ -23,7 +23,6 @@ Example:
 
 from collections.abc import Mapping, Sequence
 import json
-import os
 import re
 
 from matplotlib.axes import Axes
@@ -31,6 +30,7 @@ from matplotlib.figure import Figure
 import numpy as np
 
 from bond_jax import evaluation
+from bond_jax import paths
 from bond_jax import quantiles
 
 METRICS = {"quantile": "reward quantile against the reference (held-out)",
@@ -39,10 +39,11 @@ _BON_KEY = re.compile(r"eval/reward/bon_(\d+)$")
 _SE = evaluation.SE_SUFFIX
 
 
-def read_eval_records(workdir: str) -> list[dict]:
-  """The evaluation records (those with `eval/reward/policy`) of `workdir/metrics.jsonl`, in order."""
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    records = [r for r in map(json.loads, f) if "eval/reward/policy" in r]
+def read_eval_records(workdir: paths.PathLike) -> list[dict]:
+  """The evaluation records (those with `eval/reward/policy`) of `workdir/metrics.jsonl`, in order (`workdir`: any
+  path `paths` speaks)."""
+  text = (paths.as_path(workdir) / "metrics.jsonl").read_text()
+  records = [r for r in map(json.loads, text.splitlines()) if "eval/reward/policy" in r]
   if not records:
     raise ValueError(f"{workdir}/metrics.jsonl has no evaluation records (eval/reward/policy).")
   return records
@@ -139,7 +140,7 @@ def draw(ax: Axes, metric: str, curves: Mapping[str, Sequence[Mapping[str, float
   ax.legend(fontsize=7, loc="lower right")
 
 
-def plot_run(workdir: str) -> str:
+def plot_run(workdir: paths.PathLike) -> str:
   """Writes `workdir/tradeoff.png` (quantile and reward against KL over the run, with Best-of-N and its frontier);
   returns its path.
 
@@ -151,9 +152,11 @@ def plot_run(workdir: str) -> str:
   axes = fig.subplots(1, 2)
   for ax, metric in zip(axes, METRICS):
     draw(ax, metric, curves, bon, frontier)
-  fig.suptitle(f"{os.path.basename(os.path.normpath(workdir))}: policy along training vs Best-of-N of the "
+  workdir = paths.as_path(workdir)
+  fig.suptitle(f"{workdir.name}: policy along training vs Best-of-N of the "
                "reference")
   fig.tight_layout()
-  path = os.path.join(workdir, "tradeoff.png")
-  fig.savefig(path, dpi=110)
-  return path
+  path = workdir / "tradeoff.png"
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=110)
+  return str(path)

@@ -17,13 +17,13 @@ import ml_collections
 
 from bond_jax import algorithms
 from bond_jax import anchor
+from bond_jax import data
 from bond_jax import sharding
 from bond_jax.data import prompt_batches
 
 REWARD_KINDS = ("default", "reward_model", "python", "python_tokens")
 USER_REWARD_KINDS = ("python", "python_tokens")  # The user's own code: checked on real prompts before compiling.
 POLICY_SOURCES = ("default", "hf_checkpoint", "init")
-DATA_SOURCES = ("default", "prompt_file", "tfds", "inline")
 
 
 class ConfigError(ValueError):
@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.policy = ml_collections.ConfigDict()
   c.policy.source = "default"  # "default" (shipped tiny LM) | "hf_checkpoint" (local HF dir) | "init" (random).
-  c.policy.path = ""  # Local Hugging Face checkpoint directory, for source "hf_checkpoint".
+  c.policy.path = ""  # Hugging Face checkpoint directory (local or gs://...), for source "hf_checkpoint".
   c.policy.tokenizer_path = ""  # Tokenizer directory; empty: the policy's directory (or the shipped one).
   c.policy.dtype = "float32"  # Compute dtype: "float32" | "bfloat16". Parameters stay float32.
   c.policy.pad_token = ""  # A token of the tokenizer to pad prompts with, for tokenizers without a pad token (Llama
@@ -88,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.prompts = ()  # Prompt texts for "inline".
   c.data.path = ""  # Prompt file for "prompt_file".
   c.data.tfds_name = ""  # Registered TFDS dataset for "tfds", e.g. "xsum".
-  c.data.data_dir = ""  # TFDS data_dir (prepared offline); empty: a directory inside the workdir.
+  c.data.data_dir = ""  # TFDS data_dir (prepared offline; in a bucket: copied locally); empty: inside the workdir.
   c.data.text_key = "prompt"  # Feature (TFDS) or JSON key holding the prompt text.
   c.data.prompt_len = 16  # Prompt tokens; longer prompts are handled by `overlong`.
   c.data.overlong = "truncate"  # "truncate" (keep the last prompt_len tokens) | "reject" (skip, counted).
@@ -181,7 +181,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "max_seq_len")},
     "reward.kind": (_allowed(REWARD_KINDS), f"one of {REWARD_KINDS}"),
     "reward.max_len": (_non_negative, "a non-negative integer (0: twice prompt_len + max_new_tokens)"),
-    "data.source": (_allowed(DATA_SOURCES), f"one of {DATA_SOURCES}"),
+    "data.source": (_allowed(data.SOURCES), f"one of {data.SOURCES}"),
     "data.prompt_len": (_positive, "a positive integer"),
     "data.overlong": (_allowed(prompt_batches.OVERLONG_POLICIES), f"one of {prompt_batches.OVERLONG_POLICIES}"),
     "sampling.max_new_tokens": (_positive, "a positive integer"),
@@ -290,7 +290,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
           f"sizes between 1 and eval.num_ref_samples / 2 = {config.eval.num_ref_samples / 2:g} (each Best-of-N "
           "sample is ranked against the reference samples outside its group)")
   if config.policy.source == "hf_checkpoint" and not config.policy.path:
-    _fail("policy.path", config.policy.path, "a local checkpoint directory when policy.source is 'hf_checkpoint'")
+    _fail("policy.path", config.policy.path, "a checkpoint directory when policy.source is 'hf_checkpoint'")
   if config.reward.kind == "reward_model" and not config.reward.path:
     _fail("reward.path", config.reward.path, "a local checkpoint directory when reward.kind is 'reward_model'")
   if config.reward.kind in USER_REWARD_KINDS and ":" not in config.reward.function:

@@ -25,7 +25,8 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from matplotlib.figure import Figure
 
-from bond_jax import plots  # pylint: disable=g-import-not-at-top
+from bond_jax import paths  # pylint: disable=g-import-not-at-top
+from bond_jax import plots
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding <method>/seed<s> run workdirs.")
 _OUT = flags.DEFINE_string("out", None, "Directory for the PNGs and pareto.json; default: --workdir.")
@@ -51,39 +52,39 @@ def label(method: str) -> str:
   return method
 
 
-def seed_dirs(method_dir: str) -> list[str]:
+def seed_dirs(method_dir: paths.Path) -> list[paths.Path]:
   """The run workdirs `<method_dir>/seed<s>` that hold evaluations, in seed order."""
-  if not os.path.isdir(method_dir):
+  if not method_dir.is_dir():
     return []
-  names = sorted((d for d in os.listdir(method_dir) if d.startswith("seed")), key=lambda d: int(d[len("seed"):]))
-  return [os.path.join(method_dir, d) for d in names if os.path.exists(os.path.join(method_dir, d, "metrics.jsonl"))]
+  seeds = [d for d in method_dir.iterdir() if d.name.startswith("seed") and d.name[len("seed"):].isdigit()]
+  return sorted((d for d in seeds if (d / "metrics.jsonl").exists()), key=lambda d: int(d.name[len("seed"):]))
 
 
 def main(argv):
   del argv
-  out = _OUT.value or _WORKDIR.value
-  os.makedirs(out, exist_ok=True)
-  runs = {m: seed_dirs(os.path.join(_WORKDIR.value, m)) for m in _METHODS.value}
+  out = paths.as_path(_OUT.value or _WORKDIR.value)
+  out.mkdir(parents=True, exist_ok=True)
+  runs = {m: seed_dirs(paths.as_path(_WORKDIR.value) / m) for m in _METHODS.value}
   curves = {m: plots.mean_curve([plots.eval_curve(plots.read_eval_records(d)) for d in dirs])
             for m, dirs in runs.items() if dirs}
-  bon_dirs = seed_dirs(os.path.join(_WORKDIR.value, _BON.value))
+  bon_dirs = seed_dirs(paths.as_path(_WORKDIR.value) / _BON.value)
   final = plots.read_eval_records(bon_dirs[0])[-1] if bon_dirs else None
   bon = plots.best_of_n_points(final) if final else []
   frontier = plots.frontier_points(final) if final else []
 
-  paths = []
+  written = []
   for metric, title in TITLES.items():
     fig = Figure(figsize=(7.5, 5))
     ax = fig.subplots()
     plots.draw(ax, metric, {f"{label(m)} ({len(runs[m])} seeds)": c for m, c in curves.items()}, bon, frontier)
     ax.set_title(title)
     fig.tight_layout()
-    paths.append(os.path.join(out, f"pareto_{metric}.png"))
-    fig.savefig(paths[-1], dpi=120)
+    written.append(out / f"pareto_{metric}.png")
+    with written[-1].open("wb") as f:
+      fig.savefig(f, format="png", dpi=120)
 
-  with open(os.path.join(out, "pareto.json"), "w", encoding="utf-8") as f:
-    json.dump({"seeds": {m: len(d) for m, d in runs.items()}, "runs": curves, "best_of_n": bon,
-               "frontier": frontier}, f, indent=2)
+  paths.write_whole(out / "pareto.json", json.dumps({"seeds": {m: len(d) for m, d in runs.items()}, "runs": curves,
+                                                     "best_of_n": bon, "frontier": frontier}, indent=2))
   print(f"{'method':<16} {'seeds':>5} {'step':>5} {'KL(.||ref)':>13} {'reward':>13} {'quantile':>13} "
         f"{'gap to frontier':>16}")
   for m, rows in curves.items():
@@ -93,7 +94,7 @@ def main(argv):
   for p in bon:
     print(f"{'best_of_' + str(p['n']):<16} {'':>5} {'':>5} {p['kl']:>6.3f}         {p['reward']:>6.3f} ± "
           f"{p['reward_se']:.3f} {p['quantile']:>6.3f} ± {p['quantile_se']:.3f}  (tie-free KL {p['kl_bound']:.3f})")
-  print("\n".join(f"wrote {p}" for p in paths))
+  print("\n".join(f"wrote {p}" for p in written))
 
 
 if __name__ == "__main__":
