@@ -69,19 +69,21 @@ def eval_curve(records: Sequence[dict]) -> list[dict[str, float]]:
 
 
 def mean_curve(curves: Sequence[Sequence[Mapping[str, float]]]) -> list[dict[str, float]]:
-  """The mean over seeds of `eval_curve`s at the steps they all have, each `..._se` the standard error over seeds.
+  """The mean over seeds of `eval_curve`s at the steps they all have, each `..._se` the standard error over seeds;
+  a single curve is returned as it is (its `..._se` are its evaluations' standard errors over prompts).
 
   Example:
     >>> mean_curve([[{"step": 0, "kl": 1.0}], [{"step": 0, "kl": 2.0}, {"step": 5, "kl": 3.0}]])
     [{'step': 0, 'kl': 1.5, 'kl_se': 0.5}]
   """
+  if len(curves) == 1:
+    return [dict(row) for row in curves[0]]
   by_step = [{row["step"]: row for row in curve} for curve in curves]
   steps = sorted(set.intersection(*(set(rows) for rows in by_step)))
   fields = [f for f in curves[0][0] if f != "step" and not f.endswith("_se")]
   return [{"step": step, **{name: value for field in fields for name, value in (
               (field, float(np.mean([rows[step][field] for rows in by_step]))),
-              (field + "_se", evaluation.standard_error([rows[step][field] for rows in by_step])
-               if len(by_step) > 1 else 0.0))}}
+              (field + "_se", evaluation.standard_error([rows[step][field] for rows in by_step])))}}
           for step in steps]
 
 

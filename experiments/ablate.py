@@ -3,10 +3,11 @@ where each ends (mean ± standard error over seeds).
 
   python experiments/ablate.py --study=jbond --workdir=/tmp/ablate [--variants=base,lr_1e-4] [--seeds=0,1,2]
   python experiments/ablate.py --study=jbond --workdir=/tmp/ablate --table_only   # the table of what has run
+  python experiments/ablate.py --study=jbond --workdir=/tmp/ablate --table_only --at_step=100   # ... at step 100
 
 Each run is `experiments/run.py --config=<the study's config> --workdir=<workdir>/<study>/<variant>/seed<s>
 --config.seed=<s> <the variant's flags>`; a run whose `report.json` exists is not run again, so an interrupted
-sweep resumes. The table (printed, and written to `<workdir>/<study>/table.md` and `table.json`) gives per
+sweep resumes. The table (printed, and written to `<workdir>/<study>/table.md` and `table.json`, or `table_step<N>.*`) gives per
 variant, at its last evaluation: `KL(π || π_ref)`, the reward quantile, the gap to the Best-of-N frontier at the
 policy's KL (`frontier/gap`: the quantile minus the frontier's), the excess KL (`frontier/excess_kl`: the KL minus
 the frontier's at the policy's quantile), the most negative gap over all its evaluations, and the wall time of a
@@ -41,6 +42,7 @@ STUDIES = {
         "lr_1e-4": ("--config.optimizer.learning_rate=1e-4",),
         "lr_1e-3": ("--config.optimizer.learning_rate=1e-3",),
         "cosine": ("--config.optimizer.decay_steps=290",),
+        "steps_400": ("--config.num_steps=400",),
         "steps_600": ("--config.num_steps=600",),
         "batch_64": ("--config.batch_size=64", "--config.eval_batches=2"),  # 128 of the 167 held-out prompts.
         "eta_0.005": ("--config.anchor.eta=0.005",),
@@ -74,6 +76,8 @@ _VARIANTS = flags.DEFINE_list("variants", None, "Variants to run (default: all o
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of each variant.")
 _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "Only tabulate the runs that have finished.")
 _EXTRA = flags.DEFINE_list("extra", [], "Flags added to every run, e.g. --config.eval_every=100.")
+_AT_STEP = flags.DEFINE_integer("at_step", None, "Tabulate the evaluation at this step (default: each run's last); "
+                                "runs without one there are left out.")
 flags.mark_flag_as_required("workdir")
 
 COLUMNS = {"kl": "eval/kl/policy_ref", "quantile": "eval/quantile/policy", "gap": "eval/frontier/gap",
@@ -93,19 +97,24 @@ def run_once(config: str, run_dir: str, seed: str, variant_flags) -> None:
     json.dump({"seconds": time.perf_counter() - start, "load_average": os.getloadavg()}, f)
 
 
-def summarize_variant(variant_dir: str) -> dict | None:
-  """Mean ± standard error over the finished seeds of a variant of the last evaluation's metrics."""
-  seeds = sorted(d for d in os.listdir(variant_dir) if os.path.exists(os.path.join(variant_dir, d, "report.json")))
-  if not seeds:
-    return None
+def summarize_variant(variant_dir: str, at_step: int | None = None) -> dict | None:
+  """Mean ± standard error over the finished seeds of a variant of the metrics of the evaluation at `at_step`
+  (None: the last), and of the most negative gap up to it."""
   finals, worst_gaps, seconds = [], [], []
-  for seed in seeds:
+  for seed in sorted(os.listdir(variant_dir)):
+    if not os.path.exists(os.path.join(variant_dir, seed, "report.json")):
+      continue
     records = plots.read_eval_records(os.path.join(variant_dir, seed))
+    records = [r for r in records if at_step is None or r["step"] <= at_step]
+    if not records or (at_step is not None and records[-1]["step"] != at_step):
+      continue
     finals.append(records[-1])
     worst_gaps.append(min(r["eval/frontier/gap"] for r in records))
     with open(os.path.join(variant_dir, seed, "wall_time.json"), encoding="utf-8") as f:
       seconds.append(json.load(f)["seconds"])
-  row = {"seeds": len(seeds), "steps": finals[0]["step"], "seconds": float(np.mean(seconds))}
+  if not finals:
+    return None
+  row = {"seeds": len(finals), "steps": finals[0]["step"], "seconds": float(np.mean(seconds))}
   for name, key in COLUMNS.items():
     values = [r[key] for r in finals]
     row[name], row[name + "_se"] = float(np.mean(values)), evaluation.standard_error(values)
@@ -115,8 +124,13 @@ def summarize_variant(variant_dir: str) -> dict | None:
 
 
 def format_table(rows: dict[str, dict]) -> str:
-  """The table as Markdown: mean ± standard error over seeds."""
-  cell = lambda row, name, digits: f"{row[name]:.{digits}f} ± {row[name + '_se']:.{digits}f}"  # noqa: E731
+  """The table as Markdown: mean ± standard error over seeds; for a single seed, ± its evaluation's standard error
+  over prompts, marked `*` (the worst gap of a single seed has none)."""
+  def cell(row, name, digits):
+    if row["seeds"] > 1:
+      return f"{row[name]:.{digits}f} ± {row[name + '_se']:.{digits}f}"
+    spread = row.get(name + "_eval_se", float("nan"))
+    return f"{row[name]:.{digits}f}" + ("" if np.isnan(spread) else f" ± {spread:.{digits}f}*")
   lines = ["| variant | seeds | steps | KL(π ‖ π_ref) | quantile | gap to frontier | excess KL | worst gap | s/run |",
            "|---|---|---|---|---|---|---|---|---|"]
   for variant, row in rows.items():
@@ -141,14 +155,15 @@ def main(argv):
   rows = {}
   for variant in variants:
     if os.path.isdir(os.path.join(study_dir, variant)):
-      row = summarize_variant(os.path.join(study_dir, variant))
+      row = summarize_variant(os.path.join(study_dir, variant), _AT_STEP.value)
       if row is not None:
         rows[variant] = row
   table = format_table(rows)
   print(table)
-  with open(os.path.join(study_dir, "table.md"), "w", encoding="utf-8") as f:
+  name = "table" if _AT_STEP.value is None else f"table_step{_AT_STEP.value}"
+  with open(os.path.join(study_dir, f"{name}.md"), "w", encoding="utf-8") as f:
     f.write(table + "\n")
-  with open(os.path.join(study_dir, "table.json"), "w", encoding="utf-8") as f:
+  with open(os.path.join(study_dir, f"{name}.json"), "w", encoding="utf-8") as f:
     json.dump(rows, f, indent=2)
 
 

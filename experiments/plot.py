@@ -9,7 +9,7 @@ seeds.
 
 Reads `<workdir>/<method>/seed<s>/metrics.jsonl` for every method and seed present: the held-out evaluations along
 training, starting at the reference. Each method is drawn as the mean over its seeds at each evaluation, with error
-bars of one standard error over seeds. Best-of-N (its empirical reward and quantile at its exact KL) and the frontier
+bars of one standard error over seeds (a single seed: over its evaluation's prompts). Best-of-N (its empirical reward and quantile at its exact KL) and the frontier
 (Best-of-N's quantile against its exact KL) come from the final evaluation of the `bon` run (128 reference samples
 per held-out prompt; empirical Best-of-N up to N = 64). Writes `<out>/pareto_quantile.png`, `<out>/pareto_reward.png`
 and the numbers in `<out>/pareto.json`, and prints them.
@@ -33,7 +33,8 @@ _OUT = flags.DEFINE_string("out", None, "Directory for the PNGs and pareto.json;
 _METHODS = flags.DEFINE_list(
     "methods", ["jbond", "bond_beta0", "bond_beta05", "bond_beta1", "reinforce_0.01", "reinforce_0.1",
                 "reinforce_0.5"], "Run subdirectories to draw (missing ones are skipped).")
-_BON = flags.DEFINE_string("bon", "bon", "Method whose final evaluation gives the Best-of-N points and frontier.")
+_BON = flags.DEFINE_string("bon", "bon", "Method whose final evaluation gives the Best-of-N points and frontier "
+                           "(absent: the first seed of the first method drawn).")
 flags.mark_flag_as_required("workdir")
 
 TITLES = {"quantile": "Reward quantile vs KL to the reference (default task)",
@@ -67,7 +68,8 @@ def main(argv):
   runs = {m: seed_dirs(paths.as_path(_WORKDIR.value) / m) for m in _METHODS.value}
   curves = {m: plots.mean_curve([plots.eval_curve(plots.read_eval_records(d)) for d in dirs])
             for m, dirs in runs.items() if dirs}
-  bon_dirs = seed_dirs(paths.as_path(_WORKDIR.value) / _BON.value)
+  # Every evaluation holds Best-of-N and the frontier on its prompts; the `bon` run's have more reference samples.
+  bon_dirs = seed_dirs(paths.as_path(_WORKDIR.value) / _BON.value) or next(iter(d for d in runs.values() if d), [])
   final = plots.read_eval_records(bon_dirs[0])[-1] if bon_dirs else None
   bon = plots.best_of_n_points(final) if final else []
   frontier = plots.frontier_points(final) if final else []
@@ -76,7 +78,7 @@ def main(argv):
   for metric, title in TITLES.items():
     fig = Figure(figsize=(7.5, 5))
     ax = fig.subplots()
-    plots.draw(ax, metric, {f"{label(m)} ({len(runs[m])} seeds)": c for m, c in curves.items()}, bon, frontier)
+    plots.draw(ax, metric, {f"{label(m)} ({len(runs[m])} seed{'s' * (len(runs[m]) > 1)})": c for m, c in curves.items()}, bon, frontier)
     ax.set_title(title)
     fig.tight_layout()
     written.append(out / f"pareto_{metric}.png")
