@@ -78,7 +78,8 @@ def main(argv):
   for metric, title in TITLES.items():
     fig = Figure(figsize=(7.5, 5))
     ax = fig.subplots()
-    plots.draw(ax, metric, {f"{label(m)} ({len(runs[m])} seed{'s' * (len(runs[m]) > 1)})": c for m, c in curves.items()}, bon, frontier)
+    legend = {f"{label(m)} ({len(runs[m])} seed{'s' * (len(runs[m]) > 1)})": c for m, c in curves.items()}
+    plots.draw(ax, metric, legend, bon, frontier)
     ax.set_title(title)
     fig.tight_layout()
     written.append(out / f"pareto_{metric}.png")
