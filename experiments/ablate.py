@@ -7,11 +7,11 @@ where each ends (mean ± standard error over seeds).
 
 Each run is `experiments/run.py --config=<the study's config> --workdir=<workdir>/<study>/<variant>/seed<s>
 --config.seed=<s> <the variant's flags>`; a run whose `report.json` exists is not run again, so an interrupted
-sweep resumes. The table (printed, and written to `<workdir>/<study>/table.md` and `table.json`, or `table_step<N>.*`) gives per
-variant, at its last evaluation: `KL(π || π_ref)`, the reward quantile, the gap to the Best-of-N frontier at the
-policy's KL (`frontier/gap`: the quantile minus the frontier's), the excess KL (`frontier/excess_kl`: the KL minus
-the frontier's at the policy's quantile), the most negative gap over all its evaluations, and the wall time of a
-run. A study's variants change one factor of its base at a time (`STUDIES`).
+sweep resumes. The table (printed, and written to `<workdir>/<study>/table.md` and `table.json`, or
+`table_step<N>.*`) gives per variant, at its last evaluation (or at `--at_step`): `KL(π || π_ref)`, the reward
+quantile, the gap to the Best-of-N frontier at the policy's KL (`frontier/gap`: the quantile minus the frontier's),
+the excess KL (`frontier/excess_kl`: the KL minus the frontier's at the policy's quantile), the most negative gap
+over its evaluations up to there, and the wall time of a run. A study's variants change one factor of its base at a time (`STUDIES`).
 """
 
 import json

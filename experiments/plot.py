@@ -9,7 +9,8 @@ seeds.
 
 Reads `<workdir>/<method>/seed<s>/metrics.jsonl` for every method and seed present: the held-out evaluations along
 training, starting at the reference. Each method is drawn as the mean over its seeds at each evaluation, with error
-bars of one standard error over seeds (a single seed: over its evaluation's prompts). Best-of-N (its empirical reward and quantile at its exact KL) and the frontier
+bars of one standard error over seeds (a single seed: over its evaluation's prompts). Best-of-N (its empirical
+reward and quantile at its exact KL) and the frontier
 (Best-of-N's quantile against its exact KL) come from the final evaluation of the `bon` run (128 reference samples
 per held-out prompt; empirical Best-of-N up to N = 64). Writes `<out>/pareto_quantile.png`, `<out>/pareto_reward.png`
 and the numbers in `<out>/pareto.json`, and prints them.
