@@ -4,14 +4,16 @@ where each ends (mean ± standard error over seeds).
   python experiments/ablate.py --study=jbond --workdir=/tmp/ablate [--variants=base,lr_1e-4] [--seeds=0,1,2]
   python experiments/ablate.py --study=jbond --workdir=/tmp/ablate --table_only   # the table of what has run
   python experiments/ablate.py --study=jbond --workdir=/tmp/ablate --table_only --at_step=100   # ... at step 100
+  python experiments/ablate.py --study=jbond --workdir=/tmp/ablate --table_only --near_kl=1.2   # ... at about 1.2 nats
 
 Each run is `experiments/run.py --config=<the study's config> --workdir=<workdir>/<study>/<variant>/seed<s>
 --config.seed=<s> <the variant's flags>`; a run whose `report.json` exists is not run again, so an interrupted
 sweep resumes. The table (printed, and written to `<workdir>/<study>/table.md` and `table.json`, or
-`table_step<N>.*`) gives per variant, at its last evaluation (or at `--at_step`): `KL(π || π_ref)`, the reward
-quantile, the gap to the Best-of-N frontier at the policy's KL (`frontier/gap`: the quantile minus the frontier's),
-the excess KL (`frontier/excess_kl`: the KL minus the frontier's at the policy's quantile), the most negative gap
-over its evaluations up to there, and the wall time of a run. A study's variants change one factor of its base at a time (`STUDIES`).
+`table_step<N>.*`, `table_kl<X>.*`) gives per variant, at its last evaluation (or at `--at_step`, or nearest to
+`--near_kl`): `KL(π || π_ref)`, the reward quantile, the gap to the Best-of-N frontier at the policy's KL
+(`frontier/gap`: the quantile minus the frontier's), the excess KL (`frontier/excess_kl`: the KL minus the
+frontier's at the policy's quantile), the most negative gap over its evaluations up to there, and the wall time of
+a run. A study's variants change one factor of its base at a time (`STUDIES`).
 """
 
 import json
@@ -78,6 +80,8 @@ _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "Only tabulate the runs tha
 _EXTRA = flags.DEFINE_list("extra", [], "Flags added to every run, e.g. --config.eval_every=100.")
 _AT_STEP = flags.DEFINE_integer("at_step", None, "Tabulate the evaluation at this step (default: each run's last); "
                                 "runs without one there are left out.")
+_NEAR_KL = flags.DEFINE_float("near_kl", None, "Tabulate each run's evaluation whose KL(π || π_ref) is nearest to "
+                              "this (nats): variants compared at about the same KL.")
 flags.mark_flag_as_required("workdir")
 
 COLUMNS = {"kl": "eval/kl/policy_ref", "quantile": "eval/quantile/policy", "gap": "eval/frontier/gap",
@@ -97,14 +101,17 @@ def run_once(config: str, run_dir: str, seed: str, variant_flags) -> None:
     json.dump({"seconds": time.perf_counter() - start, "load_average": os.getloadavg()}, f)
 
 
-def summarize_variant(variant_dir: str, at_step: int | None = None) -> dict | None:
+def summarize_variant(variant_dir: str, at_step: int | None = None, near_kl: float | None = None) -> dict | None:
   """Mean ± standard error over the finished seeds of a variant of the metrics of the evaluation at `at_step`
-  (None: the last), and of the most negative gap up to it."""
+  (None: the last) or of KL nearest to `near_kl`, and of the most negative gap up to it."""
   finals, worst_gaps, seconds = [], [], []
   for seed in sorted(os.listdir(variant_dir)):
     if not os.path.exists(os.path.join(variant_dir, seed, "report.json")):
       continue
     records = plots.read_eval_records(os.path.join(variant_dir, seed))
+    if near_kl is not None:
+      nearest = min(records, key=lambda r: abs(r[COLUMNS["kl"]] - near_kl))
+      records = records[:records.index(nearest) + 1]
     records = [r for r in records if at_step is None or r["step"] <= at_step]
     if not records or (at_step is not None and records[-1]["step"] != at_step):
       continue
@@ -114,7 +121,8 @@ def summarize_variant(variant_dir: str, at_step: int | None = None) -> dict | No
       seconds.append(json.load(f)["seconds"])
   if not finals:
     return None
-  row = {"seeds": len(finals), "steps": finals[0]["step"], "seconds": float(np.mean(seconds))}
+  steps = sorted({r["step"] for r in finals})
+  row = {"seeds": len(finals), "steps": "/".join(map(str, steps)), "seconds": float(np.mean(seconds))}
   for name, key in COLUMNS.items():
     values = [r[key] for r in finals]
     row[name], row[name + "_se"] = float(np.mean(values)), evaluation.standard_error(values)
@@ -155,12 +163,13 @@ def main(argv):
   rows = {}
   for variant in variants:
     if os.path.isdir(os.path.join(study_dir, variant)):
-      row = summarize_variant(os.path.join(study_dir, variant), _AT_STEP.value)
+      row = summarize_variant(os.path.join(study_dir, variant), _AT_STEP.value, _NEAR_KL.value)
       if row is not None:
         rows[variant] = row
   table = format_table(rows)
   print(table)
-  name = "table" if _AT_STEP.value is None else f"table_step{_AT_STEP.value}"
+  name = "table" + (f"_step{_AT_STEP.value}" if _AT_STEP.value is not None else "") + (
+      f"_kl{_NEAR_KL.value:g}" if _NEAR_KL.value is not None else "")
   with open(os.path.join(study_dir, f"{name}.md"), "w", encoding="utf-8") as f:
     f.write(table + "\n")
   with open(os.path.join(study_dir, f"{name}.json"), "w", encoding="utf-8") as f:
