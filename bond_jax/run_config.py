@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   # hyperparameters are the group of the same name below (`algorithms.JBond`, `Bond`, `Reinforce` say what each is).
   c.algorithm = "jbond"
   c.seed = 0  # Seeds init, data order and sampling.
-  c.num_steps = 300  # Optimizer steps.
+  c.num_steps = 400  # Optimizer steps (the default task: 400 ends within 0.02 of the Best-of-N frontier; README).
   c.batch_size = 16  # Prompts per step, across all hosts; divisible by the mesh's data x fsdp size.
   c.log_every = 10  # Steps between metric lines (JSONL, TensorBoard, console).
   c.eval_every = 100  # Steps between evaluations on held-out prompts (0: only at the end).
