@@ -75,6 +75,8 @@ def mean_curve(curves: Sequence[Sequence[Mapping[str, float]]]) -> list[dict[str
   Example:
     >>> mean_curve([[{"step": 0, "kl": 1.0}], [{"step": 0, "kl": 2.0}, {"step": 5, "kl": 3.0}]])
     [{'step': 0, 'kl': 1.5, 'kl_se': 0.5}]
+    >>> mean_curve([[{"step": 0, "kl": 1.0, "kl_se": 0.1}]])  # One seed: the evaluation's standard error.
+    [{'step': 0, 'kl': 1.0, 'kl_se': 0.1}]
   """
   if len(curves) == 1:
     return [dict(row) for row in curves[0]]
