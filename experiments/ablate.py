@@ -16,6 +16,7 @@ frontier's at the policy's quantile), the most negative gap over its evaluations
 a run. A study's variants change one factor of its base at a time (`STUDIES`).
 """
 
+from collections.abc import Sequence
 import json
 import os
 import subprocess
@@ -36,9 +37,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The null reward: every generation scores 0, so nothing is learnt and every nat of KL is noise.
 NULL_REWARD = ("--config.reward.kind=python", "--config.reward.function=experiments.null_reward:zero")
 
-# study -> (config, {variant: flags}); each variant changes one factor of the study's base (the empty variant).
+# study -> (config, flags of every run, {variant: flags}); each variant changes one factor of the study's base (the
+# empty variant); a variant's flags come last and win.
 STUDIES = {
-    "jbond": ("configs/default.py", {
+    # J-BOND as the default task was before issue 18 chose 400 steps: 300 steps.
+    "jbond": ("configs/default.py", ("--config.num_steps=300",), {
         "base": (),
         "null_reward": NULL_REWARD,
         "lr_1e-4": ("--config.optimizer.learning_rate=1e-4",),
@@ -57,7 +60,7 @@ STUDIES = {
         "policy_2": ("--config.jbond.num_policy_samples=2",),
         "policy_2_baseline_samples": ("--config.jbond.num_policy_samples=2", "--config.jbond.baseline=samples"),
     }),
-    "bond": ("configs/pareto.py:bond_beta05", {
+    "bond": ("configs/pareto.py:bond_beta05", (), {
         "base": (),
         "null_reward": NULL_REWARD,
         "lr_1e-4": ("--config.optimizer.learning_rate=1e-4",),
@@ -88,7 +91,7 @@ COLUMNS = {"kl": "eval/kl/policy_ref", "quantile": "eval/quantile/policy", "gap"
            "excess_kl": "eval/frontier/excess_kl"}
 
 
-def run_once(config: str, run_dir: str, seed: str, variant_flags) -> None:
+def run_once(config: str, run_dir: str, seed: str, variant_flags: Sequence[str]) -> None:
   """Runs `experiments/run.py` into `run_dir` unless it has finished there; records its wall time."""
   if os.path.exists(os.path.join(run_dir, "report.json")):
     return
@@ -150,7 +153,7 @@ def format_table(rows: dict[str, dict]) -> str:
 
 def main(argv):
   del argv
-  config, variants = STUDIES[_STUDY.value]
+  config, study_flags, variants = STUDIES[_STUDY.value]
   chosen = _VARIANTS.value or list(variants)
   unknown = [v for v in chosen if v not in variants]
   if unknown:
@@ -159,7 +162,7 @@ def main(argv):
   if not _TABLE_ONLY.value:
     for variant in chosen:
       for seed in _SEEDS.value:
-        run_once(config, os.path.join(study_dir, variant, f"seed{seed}"), seed, variants[variant])
+        run_once(config, os.path.join(study_dir, variant, f"seed{seed}"), seed, (*study_flags, *variants[variant]))
   rows = {}
   for variant in variants:
     if os.path.isdir(os.path.join(study_dir, variant)):
