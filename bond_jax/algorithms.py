@@ -144,17 +144,24 @@ class Algorithm(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class JBond(Algorithm):
-  """J-BOND (Sessa et al. 2024, section 5; docs/method.md, "J-BOND"): per prompt 1 policy and 2 anchor samples;
-  the Best-of-2 anchor sample's negative log-likelihood, the J-BOND policy-gradient term and `γ·KL(π || anchor)`.
+  """J-BOND (Sessa et al. 2024, section 5; docs/method.md, "J-BOND"): per prompt policy samples and pairs of anchor
+  samples (the paper: 1 and one pair); the Best-of-2 anchor samples' negative log-likelihood, the J-BOND
+  policy-gradient term and `γ·KL(π || anchor)`.
 
   Attributes:
     beta: weight of the backward (policy-gradient) term against the forward (Best-of-2 NLL) one, in [0, 1].
     gamma: weight of `KL(π || π_anchor)`, >= 0.
-    reward_form: "penalty" (the paper's: `-penalty` when worse than both anchor samples, else 0) | "tie_aware"
-      (the estimated exact Best-of-2 log ratio; use it when rewards tie).
+    reward_form: "penalty" (the paper's: `-penalty` when worse than both samples of an anchor pair, else 0,
+      averaged over the pairs) | "tie_aware" (the estimated exact Best-of-2 log ratio from all the anchor samples;
+      use it when rewards tie).
     penalty: the reward when losing to both anchor samples is `-penalty` (`log 16` makes the expected reward at the
       median `log 0.5`).
     ties_lose: a tie with both anchor samples counts as losing (the paper's appendix) rather than not (its text).
+    num_policy_samples: policy samples per prompt (the paper: 1).
+    num_anchor_samples: anchor samples per prompt, an even number (the paper: 2); each pair gives one Best-of-2
+      sample for the forward term.
+    baseline: of the policy-gradient terms, "batch" (the other prompts' samples: the paper's), "samples" (the other
+      samples of the same prompt; needs 2 or more policy samples) or "none" (`losses.leave_one_out_baseline`).
   """
 
   name: ClassVar[str] = "jbond"
@@ -163,6 +170,9 @@ class JBond(Algorithm):
       "gamma": (_non_negative, "a non-negative number"),
       "reward_form": (lambda v: v in losses.JBOND_REWARD_FORMS, f"one of {losses.JBOND_REWARD_FORMS}"),
       "penalty": (_non_negative, "a non-negative number"),
+      "num_policy_samples": (_positive_int, "a positive integer"),
+      "num_anchor_samples": (lambda v: _positive_int(v) and v % 2 == 0, "a positive even integer (anchor pairs)"),
+      "baseline": (lambda v: v in losses.BASELINES, f"one of {losses.BASELINES}"),
   }
 
   beta: float = 0.5
@@ -170,18 +180,34 @@ class JBond(Algorithm):
   reward_form: str = "penalty"
   penalty: float = math.log(16)
   ties_lose: bool = False
+  num_policy_samples: int = 1
+  num_anchor_samples: int = 2
+  baseline: str = "batch"
 
   def sample_counts(self) -> SampleCounts:
-    return SampleCounts(policy=1, anchor=2)
+    return SampleCounts(policy=self.num_policy_samples, anchor=self.num_anchor_samples)
 
   def target_n(self) -> int:
     return 2
 
+  def problems(self) -> Iterator[tuple[str, str]]:
+    if self.baseline == "samples" and self.num_policy_samples < 2:
+      yield "baseline", ("'batch' or 'none' with one policy sample per prompt (the 'samples' baseline needs "
+                         "jbond.num_policy_samples >= 2)")
+
+  def reward(self, policy_rewards: jax.Array, anchor_rewards: jax.Array) -> jax.Array:
+    """`[batch, policy]` J-BOND rewards of the policy samples against `[batch, anchor]` anchor rewards."""
+    if self.reward_form == "tie_aware":
+      return losses.jbond_tie_aware_reward(policy_rewards, anchor_rewards)
+    pairs = [losses.jbond_reward(policy_rewards, anchor_rewards[:, i:i + 2], self.penalty, self.ties_lose)
+             for i in range(0, anchor_rewards.shape[1], 2)]
+    return sum(pairs[1:], pairs[0]) / len(pairs)
+
   def loss(self, inputs: LossInputs) -> tuple[jax.Array, Metrics]:
     return losses.jbond_loss(
-        inputs.policy_log_probs, inputs.anchor_log_probs, inputs.policy_rewards, inputs.anchor_rewards,
-        inputs.best_log_probs, beta=self.beta, gamma=self.gamma, penalty=self.penalty, ties_lose=self.ties_lose,
-        reward_form=self.reward_form)
+        inputs.policy_log_probs, inputs.anchor_log_probs, bon_policy_log_probs=inputs.best_log_probs,
+        beta=self.beta, gamma=self.gamma, reward=self.reward(inputs.policy_rewards, inputs.anchor_rewards),
+        baseline=self.baseline)
 
 
 @dataclasses.dataclass(frozen=True)

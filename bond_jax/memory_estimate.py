@@ -29,7 +29,6 @@ import ml_collections
 import optax
 
 from bond_jax import algorithms
-from bond_jax import evaluation
 from bond_jax import fine_tuning
 from bond_jax import lora
 from bond_jax import sharding
@@ -221,8 +220,8 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   The train state is built abstractly (`jax.eval_shape` of `train_state.create_train_state`) and sharded by
   `sharding.param_shardings`, as `trainer.sharded_train_state` does. Prompts per device are `batch_size / (data x
   fsdp)`. The KV cache is the largest of the sampler's: policy and anchor samples of a train step
-  (`algorithm.sample_counts()`), and evaluation's `evaluation.NUM_POLICY_SAMPLES` policy samples and `2 x
-  eval.num_ref_samples` reference samples. The activations are the largest of: the update's forward and backward
+  (`algorithm.sample_counts()`), and evaluation's `eval.num_policy_samples` policy samples and
+  `eval.num_ref_samples` reference samples. The activations are the largest of: the update's forward and backward
   over the policy samples and the Best-of-n anchor samples, and the forward-only passes of the log-probs
   (training's over the policy samples, evaluation's over its policy samples). Not counted: a reward model's own
   activations, and the exact evaluation of `config.exact`.
@@ -256,7 +255,8 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   prompt_len, new_tokens = config.data.prompt_len, config.sampling.max_new_tokens
   num_policy, num_anchor = algorithm.sample_counts()
   num_best = algorithm.num_best_of_n()
-  most_samples = max(num_policy, num_anchor, evaluation.NUM_POLICY_SAMPLES, 2 * config.eval.num_ref_samples)
+  num_eval_policy = config.eval.num_policy_samples
+  most_samples = max(num_policy, num_anchor, num_eval_policy, config.eval.num_ref_samples)
   tensor = mesh.shape.get("tensor", 1)
   passes = functools.partial(activation_bytes, model_config, seq_len=prompt_len + new_tokens,
                              head_len=new_tokens + 1, tensor=tensor)
@@ -273,7 +273,7 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
       kv_cache=kv_cache_bytes(model_config, prompts_per_device * most_samples, prompt_len + new_tokens - 1),
       activations=max(
           passes(rows=prompts_per_device * (num_policy + num_best), backward=True),
-          passes(rows=prompts_per_device * max(num_policy, evaluation.NUM_POLICY_SAMPLES), backward=False)),
+          passes(rows=prompts_per_device * max(num_policy, num_eval_policy), backward=False)),
       merged_params=0 if initial is None else _merged_bytes(policy, state.params, mesh),
   )
 

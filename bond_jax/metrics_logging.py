@@ -21,7 +21,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import jax
 import numpy as np
@@ -36,6 +36,34 @@ TENSORBOARD_DIR = "tensorboard"
 def to_python_scalars(metrics: Mapping[str, object]) -> dict[str, float]:
   """Converts 0-d arrays and numpy scalars to floats (non-finite values become None in JSON)."""
   return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+class JsonlRecords:
+  """A JSONL file of records with a `step` (one object a line), written whole at each `append` (`paths.write_whole`:
+  an object store cannot append), so it never holds half a line.
+
+  Example:
+    >>> import tempfile
+    >>> path = paths.as_path(tempfile.mkdtemp()) / "records.jsonl"
+    >>> JsonlRecords(path, resume_step=0).append([{"step": 1, "a": 1}, {"step": 2, "a": 2}])
+    >>> JsonlRecords(path, resume_step=1).append([{"step": 2, "a": 3}])  # The record of step 2 is dropped.
+    >>> path.read_text()
+    '{"step": 1, "a": 1}\\n{"step": 2, "a": 3}\\n'
+  """
+
+  def __init__(self, path: paths.PathLike, resume_step: int):
+    """Opens `path`, keeping its records up to `resume_step` (a resumed run drops those logged after the checkpoint
+    it resumes from)."""
+    self._path = paths.as_path(path)
+    self._lines = []
+    if self._path.exists():
+      self._lines = [line + "\n" for line in self._path.read_text().splitlines()
+                     if json.loads(line)["step"] <= resume_step]
+      paths.write_whole(self._path, "".join(self._lines))
+
+  def append(self, records: Iterable[Mapping[str, object]]) -> None:
+    self._lines.extend(json.dumps(record) + "\n" for record in records)
+    paths.write_whole(self._path, "".join(self._lines))
 
 
 class _EventFiles:
@@ -91,12 +119,7 @@ class MetricsWriter:
     self._active = jax.process_index() == 0
     if self._active:
       workdir = paths.as_path(workdir)
-      self._path = workdir / METRICS_FILE
-      self._lines = []
-      if self._path.exists():
-        self._lines = [line + "\n" for line in self._path.read_text().splitlines()
-                       if json.loads(line)["step"] <= resume_step]
-        paths.write_whole(self._path, "".join(self._lines))
+      self._records = JsonlRecords(workdir / METRICS_FILE, resume_step)
       self._events = _EventFiles(workdir / TENSORBOARD_DIR, resume_step + 1, flush_secs)
 
   def write(self, step: int, metrics: Mapping[str, object]) -> None:
@@ -104,8 +127,7 @@ class MetricsWriter:
       return
     values = to_python_scalars(metrics)
     record = {"step": int(step), **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
-    self._lines.append(json.dumps(record) + "\n")
-    paths.write_whole(self._path, "".join(self._lines))
+    self._records.append([record])
     self._events.add_scalars(int(step), values)
 
   def flush(self) -> None:

@@ -341,6 +341,63 @@ def bon_expected_quantile(n: int) -> float:
   return n / (n + 1)
 
 
+def _integrated_log_bon_density(u: chex.Array, n: chex.Array) -> chex.Array:
+  """`∫_0^u n v^(n-1) log(n v^(n-1)) dv = u^n (log n + (n-1) log u - (n-1)/n)`, 0 at `u = 0`."""
+  safe_u = jnp.where(u > 0, u, 1.0)
+  value = u ** n * (jnp.log(n) + (n - 1) * jnp.log(safe_u) - (n - 1) / n)
+  return jnp.where(u > 0, value, 0.0)
+
+
+def bon_kl_and_quantile(ref_rewards: chex.Array, n) -> tuple[chex.Array, chex.Array]:
+  """`KL(π_BoN || π_ref)` and Best-of-n's expected mid-rank quantile, exact (Theorem 1) for the reward
+  distribution estimated from k reference samples of each prompt, ties included.
+
+  Only the reward's distribution under `π_ref` matters: `π_BoN / π_ref` depends on `y` through `p_lt(y)` and
+  `p_le(y)` alone, so the KL between the generations' distributions is the KL between the rewards'. The estimated
+  distribution takes a reward seen c >= 2 times among the k samples as an atom of mass `c/k` (a tie: Best-of-n
+  gives it mass `p_le^n - p_lt^n`, the KL term `(p_le^n - p_lt^n) log((p_le^n - p_lt^n) / (c/k))`), and a reward
+  seen once as a continuous stretch of quantiles `[p_lt, p_le]` of width `1/k`, on which Best-of-n has density
+  `n u^(n-1)`. Without repeated rewards the KL is therefore exactly the tie-free `log n - (n-1)/n`
+  (`bon_kl_upper_bound`) and the quantile `n/(n+1)`; with ties both are lower, e.g. for a binary reward they are
+  the closed forms of Theorem 1 at the estimated pass rate. The mid-rank quantile is `(p_lt + p_le) / 2`, what a
+  sample ranked against fresh reference samples scores in expectation (`evaluation`).
+
+  Args:
+    ref_rewards: `[batch, k]` rewards of k samples `y' ~ π_ref` of each prompt.
+    n: the N of Best-of-N, a number >= 1 (not necessarily an integer: `F^n` is a distribution for any real
+      `n >= 1`) or an array `[m]` of them.
+
+  Returns:
+    `(kl, quantile)`, each `[batch]` (`[batch, m]` for an array `n`) float32, the KL in nats.
+
+  Example:
+    >>> rewards = jnp.array([[0.1, 0.4, 0.2, 0.3], [0., 0., 1., 1.]])  # no ties; a fair coin
+    >>> kl, quantile = bon_kl_and_quantile(rewards, 2)
+    >>> [round(float(v), 4) for v in kl]   # [log 2 - 1/2, 3/4 log 3/2 + 1/4 log 1/2]
+    [0.1931, 0.1308]
+    >>> [round(float(v), 4) for v in quantile]   # [2/3, 1/4 · 1/4 + 3/4 · 3/4]
+    [0.6667, 0.625]
+  """
+  arguments.check_rank(ref_rewards, "ref_rewards", (2,), "[batch, k]")
+  k = ref_rewards.shape[1]
+  own, others = ref_rewards[:, :, None], ref_rewards[:, None, :]
+  below = jnp.sum(others < own, axis=-1).astype(jnp.float32)  # [batch, k]
+  copies = jnp.sum(others == own, axis=-1).astype(jnp.float32)  # With itself: c >= 1.
+  n = jnp.asarray(n, jnp.float32)
+  expand = (lambda x: x) if n.ndim == 0 else (lambda x: x[..., None])
+  p_lt, p_le, copies = expand(below / k), expand((below + copies) / k), expand(copies)
+  # An atom's terms are shared among its c copies, so that every sample contributes 1/c of them.
+  bon_mass = p_le ** n - p_lt ** n
+  atom_kl = bon_mass * (jnp.log(jnp.maximum(bon_mass, 1e-30)) - jnp.log(copies / k)) / copies
+  stretch_kl = _integrated_log_bon_density(p_le, n) - _integrated_log_bon_density(p_lt, n)
+  atom_quantile = bon_mass * (p_lt + p_le) / 2 / copies
+  stretch_quantile = n / (n + 1) * (p_le ** (n + 1) - p_lt ** (n + 1))
+  tied = copies > 1
+  kl = jnp.sum(jnp.where(tied, atom_kl, stretch_kl), axis=1)
+  quantile = jnp.sum(jnp.where(tied, atom_quantile, stretch_quantile), axis=1)
+  return kl, quantile
+
+
 def best_of_n(rewards: chex.Array, mask: chex.Array | None = None) -> chex.Array:
   """Index of the best sample along the last axis; ties go to the lowest index; masked samples never win.
 

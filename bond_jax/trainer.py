@@ -33,7 +33,6 @@ from bond_jax import plots
 from bond_jax import rewards
 from bond_jax import run_components
 from bond_jax import run_config
-from bond_jax import sampling
 from bond_jax import sharding
 from bond_jax import train_state as train_state_lib
 from bond_jax import train_step as train_step_lib
@@ -42,6 +41,8 @@ from bond_jax.data import prompt_batches
 
 EXPORT_DIR = "policy"  # Under the workdir: the trained policy as a Hugging Face checkpoint (`export.export_policy`).
 ADAPTER_DIR = "adapter"  # Under the workdir, for LoRA: the trained adapter in peft's layout (`export.export_adapter`).
+COMPLETIONS_FILE = "completions.jsonl"  # Under the workdir: samples of every evaluation (`evaluation.completion_rows`).
+REPORT_ROWS = 3  # Rows of the last evaluation's completions that the report prints.
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,11 +54,13 @@ def train(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict:
   signal).
 
   Writes `workdir/config.json` (resolved config), `metrics.jsonl` (train records every `log_every` steps and
-  `eval/*` records at each evaluation), `tensorboard/`, `checkpoints/` and, at the end, `policy/` (the trained
-  policy as a Hugging Face checkpoint in `config.policy.dtype`, with its tokenizer and stop ids; under LoRA the
-  base with the adapter merged, and `adapter/`, the adapter alone in peft's layout), `report.json` and
-  `tradeoff.png` (`plots.plot_run`). `workdir` is a local path or an object-store URI (`gs://bucket/run`, see
-  `paths`); every file is written whole, and checkpoints rely on orbax's commit marks, not on renames.
+  `eval/*` records at each evaluation, with standard errors), `completions.jsonl` (a reference, a policy and a
+  Best-of-N sample of each held-out prompt at each evaluation), `tensorboard/`, `checkpoints/` and, at the end,
+  `policy/` (the trained policy as a Hugging Face checkpoint in `config.policy.dtype`, with its tokenizer and stop
+  ids; under LoRA the base with the adapter merged, and `adapter/`, the adapter alone in peft's layout),
+  `report.json` (with standard errors and the policy's distance to the Best-of-N frontier) and `tradeoff.png`
+  (`plots.plot_run`). `workdir` is a local path or an object-store URI (`gs://bucket/run`, see `paths`); every file
+  is written whole, and checkpoints rely on orbax's commit marks, not on renames.
 
   Raises:
     paths.PathError: `workdir` cannot be written (an unknown scheme, a missing bucket or client, no credentials, an
@@ -105,8 +108,8 @@ def train(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict:
                         state_shardings, batch_sharding, eval_prompts)
 
   # The loop.
-  eval_start = eval_prompts.get_state()
-  with TrainingLoop(config, workdir, steps, checkpointer, train_prompts, eval_prompts, batch_sharding) as loop:
+  with TrainingLoop(config, workdir, steps, checkpointer, train_prompts, eval_prompts, batch_sharding,
+                    tokenizer) as loop:
     state, final = loop.run(state, ref_params)
   if final is None:
     return {}
@@ -121,12 +124,8 @@ def train(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict:
   if jax.process_index() == 0:
     paths.write_whole(workdir / "report.json", json.dumps(summary, indent=2))
     print(format_report(summary))
+    print(format_completions(loop.completions[:REPORT_ROWS]))
     print(f"plot: {plots.plot_run(workdir)}")
-  eval_prompts.set_state(eval_start)
-  examples = example_generations(config, model_config, tokenizer, policy_params, tuning.reference(ref_params),
-                                 next(eval_prompts), batch_sharding)
-  if jax.process_index() == 0:
-    print(examples)
   return summary
 
 
@@ -209,9 +208,11 @@ def compile_steps(config, model_config, reward_fn, optimizer, mesh, state, ref_p
     evaluate_step = evaluation.make_eval_step(config, model_config, reward)
     return lambda params, frozen, *args: evaluate_step(tuning.policy(params, frozen), tuning.reference(frozen), *args)
 
+  # Per-prompt outputs, replicated: every host reads all of them (they are small).
   evaluate = compile_with_reward(
       "evaluation step", evaluate_models, in_shardings=(policy_shardings, param_shardings, batch_shardings, None),
-      args=(state.params, ref_params, abstract_batch, jax.random.PRNGKey(0)))
+      args=(state.params, ref_params, abstract_batch, jax.random.PRNGKey(0)),
+      out_shardings=NamedSharding(mesh, P()))
   if not config.exact.every:
     return CompiledSteps(train, evaluate, None)
   # The first held-out batch, each prompt once, replicated: every host gathers the same prompts.
@@ -289,11 +290,14 @@ class TrainingLoop:
   - `config.max_consecutive_nonfinite` non-finite steps in a row: `NonFiniteLossError`.
 
   Use it as a context manager: leaving it restores the signal handlers and closes the metric sinks.
+
+  Attributes:
+    completions: the rows the last evaluation wrote to `completions.jsonl` (`evaluation.completion_rows`).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: paths.Path, steps: CompiledSteps,
                checkpointer: checkpointing.Checkpointer, train_prompts: prompt_batches.PromptIterator,
-               eval_prompts: prompt_batches.PromptIterator, batch_sharding: NamedSharding):
+               eval_prompts: prompt_batches.PromptIterator, batch_sharding: NamedSharding, tokenizer):
     self._config = config
     self._workdir = workdir
     self._steps = steps
@@ -302,13 +306,15 @@ class TrainingLoop:
     self._eval_prompts = eval_prompts
     self._eval_start = eval_prompts.get_state()
     self._batch_sharding = batch_sharding
+    self._tokenizer = tokenizer
+    self.completions = []
     self._state = None
     self._ref_params = None
     self._pending = None  # (step, metrics on the device, this host's prompt texts) of the last step run.
     self._consecutive_nonfinite = 0
     self._window_tokens, self._window_start = 0.0, time.perf_counter()  # Throughput since the last logged step.
     self._start_step = 0
-    self._writer = self._stop = self._progress = None
+    self._writer = self._stop = self._progress = self._completions_file = None
 
   def __enter__(self) -> TrainingLoop:
     self._stop = _StopRequests()
@@ -333,6 +339,8 @@ class TrainingLoop:
     self._state, self._ref_params = state, ref_params
     self._start_step = int(state.step)
     self._writer = metrics_logging.MetricsWriter(self._workdir, resume_step=self._start_step)
+    if jax.process_index() == 0:
+      self._completions_file = metrics_logging.JsonlRecords(self._workdir / COMPLETIONS_FILE, self._start_step)
     self._progress = tqdm.tqdm(total=config.num_steps, initial=self._start_step, desc=config.algorithm,
                                unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
     if self._start_step == 0:
@@ -403,15 +411,24 @@ class TrainingLoop:
     self._checkpointer.close()
 
   def _evaluate(self, step: int) -> dict[str, float]:
-    """Evaluates the policy on the same held-out prompts every time; logs and returns the averaged metrics."""
+    """Evaluates the policy on the same held-out prompts every time; logs and returns the metrics averaged over
+    prompts, with their standard errors (`evaluation.summarize`), and writes the samples to `completions.jsonl`."""
     self._eval_prompts.set_state(self._eval_start)
     rng = jax.random.PRNGKey(self._config.seed + 1)
-    records = [jax.device_get(self._steps.evaluate(
-                   self._state.params, self._ref_params,
-                   _global_batch(next(self._eval_prompts), self._batch_sharding), jax.random.fold_in(rng, i)))
-               for i in range(self._config.eval_batches)]
-    metrics = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+    outputs, texts = [], []
+    for i in range(self._config.eval_batches):
+      batch = next(self._eval_prompts)
+      outputs.append(jax.device_get(self._steps.evaluate(self._state.params, self._ref_params, _global_batch(
+          batch, self._batch_sharding), jax.random.fold_in(rng, i))))
+      texts.append(batch["text"])  # This host's rows, the first of the global batch on process 0.
+    metrics = evaluation.summarize([out.metrics for out in outputs])
     self._writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+    bon_ns = self._config.eval.bon_ns
+    decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    self.completions = [row for out, batch_texts in zip(outputs, texts) for row in evaluation.completion_rows(
+        step, out.completions, batch_texts, decode, bon_ns, evaluation.nearest_bon_n(metrics, bon_ns))]
+    if jax.process_index() == 0:
+      self._completions_file.append(self.completions)
     return metrics
 
   def _exact(self, step: int) -> None:
@@ -435,30 +452,29 @@ def _nonfinite_reward_message(step: int, metrics: dict[str, float], texts: list[
 
 
 def format_report(summary: dict[str, dict[str, float]]) -> str:
-  """The report as a table: one row per sampler (reference, Best-of-N, policy)."""
-  lines = [f"{'sampler':<10} {'reward':>9} {'quantile':>9} {'KL(.||ref)':>11}"]
-  lines += [f"{name:<10} {row['reward_mean']:>9.3f} {row['reward_quantile']:>9.3f} {row['kl_to_ref']:>11.3f}"
-            for name, row in summary.items()]
+  """The report as a table: one row per sampler (reference, Best-of-N, policy), each mean ± its standard error, and
+  where the policy stands against the Best-of-N frontier at its KL."""
+  lines = [f"{'sampler':<10} {'reward':>15} {'quantile':>15} {'KL(.||ref)':>15}"]
+  for name, row in summary.items():
+    cells = " ".join(f"{row[field]:>7.3f} ± {row[field + '_se']:.3f}"
+                     for field in ("reward_mean", "reward_quantile", "kl_to_ref"))
+    bound = f"  (tie-free bound {row['kl_bound']:.3f})" if "kl_bound" in row else ""
+    lines.append(f"{name:<10} {cells}{bound}")
+  policy = summary["policy"]
+  lines.append(f"Best-of-N frontier at the policy's KL: quantile {policy['frontier_quantile']:.3f}; the policy is "
+               f"{policy['frontier_gap']:+.3f} ± {policy['frontier_gap_se']:.3f} from it and spends "
+               f"{policy['frontier_excess_kl']:.2f} ± {policy['frontier_excess_kl_se']:.2f} nats more than Best-of-N "
+               "for its quantile")
   return "\n".join(lines)
 
 
-def example_generations(config, model_config, tokenizer, params, ref_params, batch: dict,
-                        batch_sharding: NamedSharding) -> str:
-  """The first prompt of `batch` (this host's rows of a held-out batch) with a reference and a policy generation,
-  for a person to read.
-
-  Every process calls it: the parameters may span processes, so sampling runs on the mesh and its output comes
-  back replicated. The prompt is process 0's first row.
-  """
-  sample_config = sampling.make_sampling_config(config.sampling, model_config, 1)
-  rng = jax.random.PRNGKey(config.seed + 2)
-  sample_first = jax.jit(
-      lambda p, b: sampling.sample(p, b["prompts"][:1], b["prompt_mask"][:1], rng, sample_config, model_config),
-      out_shardings=NamedSharding(batch_sharding.mesh, P()))
-  global_batch = _global_batch(batch, batch_sharding)
-  texts = {}
-  for name, p in (("reference", ref_params), ("policy", params)):
-    out = sample_first(p, global_batch)
-    ids = np.asarray(out.tokens)[0, 0][np.asarray(out.mask)[0, 0]]
-    texts[name] = tokenizer.decode(ids.tolist(), skip_special_tokens=True)
-  return (f"prompt:    {batch['text'][0]}\nreference: {texts['reference']}\npolicy:    {texts['policy']}")
+def format_completions(rows: list[dict]) -> str:
+  """Rows of `completions.jsonl` for a person to read: each prompt with its samples, rewards and quantiles."""
+  blocks = []
+  for row in rows:
+    labels = {"reference": "reference", "policy": "policy", "best_of_n": f"Best-of-{row['best_of_n']['n']}"}
+    lines = [f"{'prompt':<12} {row['prompt']}"]
+    lines += [f"{label:<12} {row[key]['text']}  (reward {row[key]['reward']:.2f}, quantile {row[key]['quantile']:.2f})"
+              for key, label in labels.items()]
+    blocks.append("\n".join(lines))
+  return "\n\n".join(blocks)

@@ -49,6 +49,6 @@ def get_config(method: str = "jbond_tie_aware"):
   config.jbond.beta = 0.5
   config.anchor.eta = 0.02
   config.reinforce.kl_coef = 0.05
-  config.eval.num_ref_samples = 16
+  config.eval.num_ref_samples = 32
   config.eval.bon_ns = (2, 4, 8, 16)
   return config

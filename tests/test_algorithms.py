@@ -2,6 +2,7 @@
 running through validation, the train step, the memory estimate and the exact evaluation, untouched."""
 
 import dataclasses
+import math
 import os
 import re
 from typing import ClassVar
@@ -40,6 +41,20 @@ def test_shipped_methods_declare_their_samples_target_and_anchor(name, counts, t
       counts, target_n, best)
   assert algorithm.reference_in_loss == reference_in_loss
   assert algorithm.anchor_moves == (name != "reinforce")  # config.anchor.mode is "ema" by default
+
+
+def test_jbond_with_anchor_pairs_averages_the_paper_reward_over_the_pairs():
+  config = run_config.base_config()
+  config.jbond.num_policy_samples, config.jbond.num_anchor_samples, config.jbond.baseline = 2, 4, "samples"
+  run_config.validate(config)
+  algorithm = algorithms.from_config(config)
+  assert (tuple(algorithm.sample_counts()), algorithm.num_best_of_n()) == ((2, 4), 2)  # Two Best-of-2 samples.
+  # The first policy sample loses to both samples of the first pair only, the second to neither pair.
+  reward = algorithm.reward(jnp.array([[1.0, 4.0]]), jnp.array([[2.0, 3.0, 0.0, 5.0]]))
+  np.testing.assert_allclose(reward, [[-math.log(16) / 2, 0.0]], rtol=1e-6)
+  config.jbond.num_policy_samples = 1
+  with pytest.raises(run_config.ConfigError, match="jbond.baseline"):
+    run_config.validate(config)
 
 
 def test_no_module_compares_the_algorithm_name():

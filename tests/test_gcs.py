@@ -14,6 +14,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from bond_jax import paths
+from bond_jax import trainer
 from bond_jax.data import prompt_sources
 from bond_jax.tasks import default_assets
 import tiny_run
@@ -123,8 +124,8 @@ def test_run_in_a_bucket_killed_and_resumed_ends_as_the_uninterrupted_local_run(
   assert data_state == expected_data_state
   assert tiny_run.read_report(workdir) == summary
   files = _bucket_files(fs, workdir)
-  assert {"config.json", "report.json", "tradeoff.png", "policy/model.safetensors", "policy/tokenizer.json"} <= {
-      *files}
+  assert {"config.json", "report.json", trainer.COMPLETIONS_FILE, "tradeoff.png", "policy/model.safetensors",
+          "policy/tokenizer.json"} <= {*files}
   # TensorBoard: whole event files, one per flush (each checkpoint: never one uploaded twice), which show exactly
   # the records of metrics.jsonl, the killed life's steps past its checkpoint hidden.
   assert sum(name.startswith("tensorboard/events.out.tfevents.") for name in files) >= config.num_steps

@@ -169,8 +169,8 @@ def test_kv_cache_is_the_largest_sampler_cache(policy, tiny_policy_dir):
   optimizer = train_state_lib.make_optimizer(run_config.base_config().optimizer)
   cases = [
       ({"algorithm": "bond", "bond.num_anchor_samples": 16}, 16),  # 16 anchor samples per prompt.
-      ({"eval.num_ref_samples": 12}, 2 * 12),  # Evaluation draws 2 x 12 reference samples per prompt.
-      ({}, 2 * 4),  # J-BOND's 1 + 2 samples are fewer than evaluation's 2 x 4.
+      ({"eval.num_ref_samples": 24}, 24),  # Evaluation draws 24 reference samples per prompt.
+      ({}, 8),  # J-BOND's 1 + 2 samples are fewer than evaluation's 8 reference samples.
   ]
   for overrides, samples in cases:
     config = tiny_run.tiny_config(tiny_policy_dir, **overrides)

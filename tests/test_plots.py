@@ -9,6 +9,7 @@ import matplotlib.image
 import pytest
 
 from bond_jax import algorithms
+from bond_jax import evaluation
 from bond_jax import plots
 from bond_jax import run_config
 
@@ -16,10 +17,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _eval_record(step: int, kl: float) -> dict:
-  return {"step": step, "eval/kl/policy_ref": kl, "eval/reward/policy": 0.1 * step,
-          "eval/quantile/policy": 0.5 + 0.01 * step, "eval/reward/reference": -0.2,
-          "eval/quantile/reference": 0.49, "eval/reward/bon_2": 0.3, "eval/quantile/bon_2": 0.66,
-          "eval/reward/bon_16": 0.9, "eval/quantile/bon_16": 0.93}
+  frontier = {f"eval/frontier/{metric}/bon_{n}": value for n in evaluation.FRONTIER_NS for metric, value in (
+      ("kl", math.log(n) - (n - 1) / n), ("quantile", n / (n + 1)))}
+  return {"step": step, "eval/kl/policy_ref": kl, "eval/kl/policy_ref/se": 0.05, "eval/reward/policy": 0.1 * step,
+          "eval/reward/policy/se": 0.01, "eval/quantile/policy": 0.5 + 0.01 * step, "eval/quantile/policy/se": 0.02,
+          "eval/reward/reference": -0.2, "eval/quantile/reference": 0.49, "eval/reward/bon_2": 0.3,
+          "eval/quantile/bon_2": 0.66, "eval/quantile/bon_2/se": 0.004, "eval/kl/bon_2": 0.19,
+          "eval/reward/bon_16": 0.9, "eval/quantile/bon_16": 0.93, "eval/kl/bon_16": 1.8,
+          "eval/frontier/gap": -0.1, "eval/frontier/gap/se": 0.01, **frontier}
 
 
 @pytest.fixture
@@ -34,16 +39,24 @@ def test_curve_starts_at_the_reference_and_follows_the_evaluations(workdir):
   curve = plots.eval_curve(plots.read_eval_records(workdir))
   assert [(r["step"], r["kl"], r["reward"], r["quantile"]) for r in curve] == [
       (0, 0.0, -0.2, 0.49), (25, 0.3, 2.5, 0.75), (50, 0.8, 5.0, 1.0)]
+  assert [(r["kl_se"], r["quantile_se"]) for r in curve] == [(0.0, 0.0), (0.05, 0.02), (0.05, 0.02)]
 
 
-def test_best_of_n_points_sit_at_the_tie_free_kl(workdir):
+def test_best_of_n_points_sit_at_their_exact_kl(workdir):
   points = plots.best_of_n_points(plots.read_eval_records(workdir)[-1])
   assert [p["n"] for p in points] == [1, 2, 16]
+  assert [p["kl"] for p in points] == [0.0, 0.19, 1.8]
   for p in points:
-    assert p["kl"] == pytest.approx(math.log(p["n"]) - (p["n"] - 1) / p["n"])
-    assert p["analytic_quantile"] == pytest.approx(p["n"] / (p["n"] + 1))
+    assert p["kl_bound"] == pytest.approx(math.log(p["n"]) - (p["n"] - 1) / p["n"])
   assert (points[0]["reward"], points[0]["quantile"]) == (-0.2, 0.49)  # Best-of-1 is the reference.
+  assert (points[1]["quantile"], points[1]["quantile_se"]) == (0.66, 0.004)
   assert (points[2]["reward"], points[2]["quantile"]) == (0.9, 0.93)
+
+
+def test_frontier_points_follow_the_record(workdir):
+  frontier = plots.frontier_points(plots.read_eval_records(workdir)[-1])
+  assert [p["n"] for p in frontier] == list(evaluation.FRONTIER_NS)
+  assert frontier[3]["quantile"] == pytest.approx(0.8) and frontier[3]["kl"] == pytest.approx(math.log(4) - 0.75)
 
 
 def test_plot_run_writes_a_png(workdir):

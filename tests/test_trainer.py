@@ -15,6 +15,8 @@ import pytest
 from bond_jax import sharding
 from bond_jax import trainer
 from bond_jax.models import hf
+from bond_jax.tasks import default_assets
+from bond_jax.tasks import sentiment
 import tiny_run
 
 
@@ -112,13 +114,21 @@ def test_output_files(full_run):
   assert report == summary
   assert list(report) == ["reference", "bon_2", "bon_4", "policy"]
   for row in report.values():
-    assert set(row) == {"reward_mean", "reward_quantile", "kl_to_ref"}
+    assert {"reward_mean", "reward_quantile", "kl_to_ref"} <= set(row)
+    assert {f"{field}_se" for field in ("reward_mean", "reward_quantile", "kl_to_ref")} <= set(row)
     assert all(math.isfinite(v) for v in row.values())
   assert report["reference"]["kl_to_ref"] == 0
   for n in (2, 4):
-    assert report[f"bon_{n}"]["kl_to_ref"] == pytest.approx(math.log(n) - (n - 1) / n)
+    # Exact with ties, at most the tie-free bound (the tiny policy repeats itself, so its rewards tie).
+    assert report[f"bon_{n}"]["kl_bound"] == pytest.approx(math.log(n) - (n - 1) / n)
+    assert 0 < report[f"bon_{n}"]["kl_to_ref"] <= report[f"bon_{n}"]["kl_bound"] + 1e-6
+    assert report[f"bon_{n}"]["kl_to_ref"] == pytest.approx(final_eval[f"eval/kl/bon_{n}"])
     assert report[f"bon_{n}"]["reward_mean"] == pytest.approx(final_eval[f"eval/reward/bon_{n}"])
+    assert report[f"bon_{n}"]["reward_mean_se"] == pytest.approx(final_eval[f"eval/reward/bon_{n}/se"])
   assert report["policy"]["reward_quantile"] == pytest.approx(final_eval["eval/quantile/policy"])
+  assert report["policy"]["kl_to_ref_se"] == pytest.approx(final_eval["eval/kl/policy_ref/se"])
+  assert report["policy"]["frontier_gap"] == pytest.approx(
+      report["policy"]["reward_quantile"] - report["policy"]["frontier_quantile"])
   # Best-of-4 beats Best-of-2 beats a reference sample, on the same pool of reference samples.
   assert report["bon_4"]["reward_mean"] >= report["bon_2"]["reward_mean"] >= report["reference"]["reward_mean"]
 
@@ -130,6 +140,27 @@ def test_output_files(full_run):
   jax.tree.map(np.testing.assert_array_equal, exported, final_state.params)
   assert hf.load_tokenizer(os.path.join(workdir, trainer.EXPORT_DIR)).encode("the film") == (
       hf.load_tokenizer(config.policy.path).encode("the film"))
+
+
+def test_completions_file(full_run):
+  """Every evaluation writes each held-out prompt with a reference, a policy and a Best-of-N sample."""
+  config, workdir, _, _ = full_run
+  with open(os.path.join(workdir, trainer.COMPLETIONS_FILE), encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  assert len(rows) == config.eval_batches * config.batch_size  # One evaluation, at the end.
+  assert {row["step"] for row in rows} == {config.num_steps}
+  tokenizer = default_assets.load_tokenizer()
+  checked = 0
+  for row in rows:
+    assert row["best_of_n"]["n"] in config.eval.bon_ns
+    for sample in ("reference", "policy", "best_of_n"):
+      assert 0 <= row[sample]["quantile"] <= 1
+      # The reward of the text as written, by the task's own scorer, where the prompt was not truncated.
+      if len(tokenizer.encode(row["prompt"])) <= config.data.prompt_len:
+        expected = sentiment.sentiment_reward([row["prompt"]], [row[sample]["text"]])[0]
+        assert row[sample]["reward"] == pytest.approx(expected, abs=1e-5), (row, sample)
+        checked += 1
+  assert checked >= 3 * 4
 
 
 # Orbax's reader of the truncated checkpoint leaves a callback for an event loop it has closed.
@@ -159,6 +190,10 @@ def test_resume_past_an_unreadable_checkpoint_matches_an_uninterrupted_run(full_
     assert actual[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
   for name, row in summary.items():
     assert resumed_summary[name] == pytest.approx(row, rel=1e-5, abs=1e-6), name
+  # The completions of the evaluation at the end, once: rows written after the resumed-from step are dropped.
+  with open(os.path.join(workdir, trainer.COMPLETIONS_FILE), encoding="utf-8") as f, \
+       open(os.path.join(resumed, trainer.COMPLETIONS_FILE), encoding="utf-8") as g:
+    assert [json.loads(line) for line in g] == [json.loads(line) for line in f]
   (final_state, _), (expected_state, _) = (tiny_run.restore_train_state(resumed, config),
                                            tiny_run.restore_train_state(workdir, config))
   assert int(final_state.step) == int(expected_state.step) == config.num_steps

@@ -78,7 +78,8 @@ def tiny_config(policy_dir: str, data_dir: str = "", **overrides):
   config.optimizer.learning_rate = 1e-2
   config.bond.n = 2
   config.bond.num_anchor_samples = 4
-  config.eval.num_ref_samples = 4
+  config.eval.num_policy_samples = 4
+  config.eval.num_ref_samples = 8
   config.eval.bon_ns = (2, 4)
   for dotted, value in overrides.items():
     *groups, field = dotted.split(".")
