@@ -31,6 +31,7 @@ from bond_jax import algorithms
 from bond_jax import evaluation
 from bond_jax import sharding
 from bond_jax import train_state as train_state_lib
+from bond_jax.models import transformer
 from bond_jax.models.config import ModelConfig
 from bond_jax.rewards import RewardFn
 
@@ -114,14 +115,6 @@ def _data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[axis] for axis in sharding.BATCH_AXES if axis in mesh.shape)
 
 
-def _without_axis(spec: P, axis: str) -> P:
-  """`spec` with mesh axis `axis` removed from every dimension (that dimension then gathered over it)."""
-  def keep(entry):
-    names = tuple(name for name in ((entry,) if isinstance(entry, str) else tuple(entry or ())) if name != axis)
-    return names[0] if len(names) == 1 else (names or None)
-  return P(*(keep(entry) for entry in spec))
-
-
 def fsdp_gathered_bytes(params: Any, mesh: Mesh) -> int:
   """Bytes per device of `params` all-gathered over the `fsdp` axis (still split over `tensor`); 0 without fsdp.
 
@@ -133,7 +126,7 @@ def fsdp_gathered_bytes(params: Any, mesh: Mesh) -> int:
   if mesh.shape.get("fsdp", 1) == 1:
     return 0
   specs = sharding.param_partition_specs(params, mesh=mesh)
-  gathered = jax.tree.map(lambda spec: NamedSharding(mesh, _without_axis(spec, "fsdp")), specs,
+  gathered = jax.tree.map(lambda spec: NamedSharding(mesh, sharding.without_axis(spec, "fsdp")), specs,
                           is_leaf=lambda x: isinstance(x, P))
   return per_device_bytes(params, gathered)
 
@@ -266,6 +259,54 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
           passes(rows=prompts_per_device * (num_policy + num_best), backward=True),
           passes(rows=prompts_per_device * max(num_policy, evaluation.NUM_POLICY_SAMPLES), backward=False)),
   )
+
+
+class StepInputs(NamedTuple):
+  """A run's step arguments as `jax.ShapeDtypeStruct`s on the mesh (nothing allocated), as the trainer places them
+  (`trainer.sharded_train_state`: the frozen reference in the compute dtype), with their shardings."""
+
+  state: Any
+  ref_params: Any
+  reward_fn: Any
+  state_shardings: Any
+  param_shardings: Any
+
+
+def abstract_step_inputs(config: ml_collections.ConfigDict, ref_params: Any, optimizer: optax.GradientTransformation,
+                         mesh: Mesh, reward_fn: RewardFn | None = None) -> StepInputs:
+  """The train state, the reference and the reward's weights of a run, abstract and sharded on `mesh`: what
+  `trainer.compile_steps` compiles for, from shapes alone (`ref_params` and the reward's leaves may be
+  `jax.ShapeDtypeStruct`s).
+
+  Example:
+    >>> inputs = abstract_step_inputs(config, jax.eval_shape(lambda: init_params(cfg, key)), optimizer, mesh)
+    >>> steps = trainer.compile_steps(config, cfg, reward_fn, optimizer, mesh, inputs.state, inputs.ref_params,
+    ...                               inputs.param_shardings, inputs.state_shardings, batch_sharding, None)
+  """
+  init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
+  state = jax.eval_shape(init, ref_params)
+  frozen = jax.eval_shape(lambda p: transformer.cast_weights(p, config.policy.dtype), ref_params)
+  state_shardings = sharding.param_shardings(state, mesh)
+  param_shardings = sharding.param_shardings(frozen, mesh)
+  place = lambda tree, shardings: jax.tree.map(  # noqa: E731
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  if reward_fn is not None:
+    reward_fn = place(reward_fn, sharding.param_shardings(reward_fn, mesh))
+  return StepInputs(place(state, state_shardings), place(frozen, param_shardings), reward_fn, state_shardings,
+                    param_shardings)
+
+
+def planned_bytes(compiled) -> int:
+  """XLA's plan for one device of a compiled program (`jit(...).lower(...).compile()`): its temporaries, arguments
+  and outputs, less the outputs written over donated arguments.
+
+  Example:
+    >>> planned_bytes(jax.jit(lambda x: x + 1).lower(jnp.ones(4)).compile())
+    32
+  """
+  analysis = compiled.memory_analysis()
+  return (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+          - analysis.alias_size_in_bytes)
 
 
 def _host_available_bytes() -> int:

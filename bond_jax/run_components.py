@@ -49,7 +49,7 @@ def load_policy(config: ml_collections.ConfigDict):
   """
   policy = config.policy
   if policy.source == "init":
-    model_config = ModelConfig(**policy.model.to_dict(), dtype=policy.dtype)
+    model_config = ModelConfig(**policy.model.to_dict(), dtype=policy.dtype, remat=config.memory.remat)
     params = transformer.init_params(model_config, jax.random.PRNGKey(config.seed))
     tokenizer = (hf.load_tokenizer(policy.tokenizer_path) if policy.tokenizer_path
                  else id_tokenizer.IdTokenizer(model_config.vocab_size))
@@ -61,7 +61,7 @@ def load_policy(config: ml_collections.ConfigDict):
         + (" (run `python experiments/pretrain.py` to make the shipped one)" if policy.source == "default" else ""))
   # Parameters stay float32 (the optimizer's updates are far below bfloat16's resolution); `dtype` is the compute's.
   params, model_config = hf.load_checkpoint(path)
-  model_config = dataclasses.replace(model_config, dtype=policy.dtype)
+  model_config = dataclasses.replace(model_config, dtype=policy.dtype, remat=config.memory.remat)
   if model_config.head != "lm":
     raise run_config.ConfigError(
         f"config.policy.path = {path!r} is not allowed: it holds a {model_config.head!r}-head model; a policy needs "
@@ -137,6 +137,8 @@ def load_reward(config: ml_collections.ConfigDict, tokenizer) -> rewards.RewardF
 def _load_reward_model(config: ml_collections.ConfigDict, policy: prompt_encoding.PromptTokenizer
                        ) -> rewards.RewardFn:
   params, model_config = hf.load_checkpoint(config.reward.path)
+  model_config = dataclasses.replace(model_config, dtype=config.reward.dtype)
+  params = transformer.cast_to_compute_dtype(params, model_config)  # Frozen: held in its compute dtype.
   reward_tokenizer = load_reward_tokenizer(config)
   policy_template = policy.tokenizer.chat_template if policy.chat_template else None
   reward_template = getattr(reward_tokenizer, "chat_template", None)

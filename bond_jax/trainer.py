@@ -37,6 +37,7 @@ from bond_jax import sharding
 from bond_jax import train_state as train_state_lib
 from bond_jax import train_step as train_step_lib
 from bond_jax.data import prompt_batches
+from bond_jax.models import transformer
 
 
 EXPORT_DIR = "policy"  # Under the workdir: the trained policy as a Hugging Face checkpoint (`export.export_policy`).
@@ -79,6 +80,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_prompts, eval_prompts = run_components.load_prompts(config, tokenizer, model_config, workdir)
   optimizer = train_state_lib.make_optimizer(config.optimizer)
   _check_before_compiling(config, model_config, ref_params, reward_fn, optimizer, mesh, train_prompts, eval_prompts)
+  # A reward model's weights, sharded once: the compiled steps take them as they are at every call.
+  reward_fn = jax.device_put(reward_fn, sharding.param_shardings(reward_fn, mesh))
 
   # The train state on the mesh, resumed from the workdir's latest readable checkpoint.
   ref_params, param_shardings, state, state_shardings = sharded_train_state(config, ref_params, optimizer, mesh)
@@ -141,7 +144,9 @@ def _check_before_compiling(config: ml_collections.ConfigDict, model_config, ref
 
 
 def sharded_train_state(config: ml_collections.ConfigDict, ref_params, optimizer, mesh):
-  """Places the reference on `mesh` and creates the initial train state there, sharded by the partition rules.
+  """Places the reference on `mesh` and creates the initial train state there, sharded by the partition rules;
+  then holds the frozen reference in the compute dtype (`config.policy.dtype`; its outputs do not change), while
+  the policy, the anchor and the optimizer state stay float32.
 
   Returns:
     `(ref_params, param_shardings, state, state_shardings)`, the shardings being pytrees of `NamedSharding`
@@ -151,7 +156,9 @@ def sharded_train_state(config: ml_collections.ConfigDict, ref_params, optimizer
   ref_params = jax.device_put(ref_params, param_shardings)
   init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
   state_shardings = sharding.param_shardings(jax.eval_shape(init, ref_params), mesh)
-  return ref_params, param_shardings, jax.jit(init, out_shardings=state_shardings)(ref_params), state_shardings
+  state = jax.jit(init, out_shardings=state_shardings)(ref_params)
+  frozen = jax.jit(lambda p: transformer.cast_weights(p, config.policy.dtype), out_shardings=param_shardings)
+  return frozen(ref_params), param_shardings, state, state_shardings
 
 
 class CompiledSteps(NamedTuple):
@@ -209,11 +216,13 @@ def _compile_with_reward(name: str, make_fn, reward_fn, mesh, in_shardings, args
   A reward model's weights (the leaves of its `RewardFn` pytree) then enter the compiled program as sharded
   inputs rather than as constants baked into it, which would compile slowly and hold a second copy in memory.
   `args` may be arrays or `jax.ShapeDtypeStruct`s; `donate_argnums` counts the arguments after the reward, from 1.
+  It is traced on `mesh` (`jax.set_mesh`), so activations are sharded as `sharding.ACTIVATION_RULES` says.
   """
   jitted = jax.jit(lambda reward, *fn_args: make_fn(reward)(*fn_args),
                    in_shardings=(sharding.param_shardings(reward_fn, mesh), *in_shardings), **jit_kwargs)
   start = time.perf_counter()
-  compiled = jitted.lower(reward_fn, *args).compile()
+  with jax.set_mesh(mesh):
+    compiled = jitted.lower(reward_fn, *args).compile()
   logging.info("Compiled the %s in %.1f s.", name, time.perf_counter() - start)
   return functools.partial(compiled, reward_fn)
 
