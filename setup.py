@@ -25,6 +25,8 @@ setuptools.setup(
         "flax>=0.10",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.10",
+        "etils[epath]>=1.7",  # bond_jax.paths: every path of a run, local or in a bucket (orbax's own path type)
+        "fsspec>=2024.2",  # bond_jax.paths: byte ranges of checkpoint files in a bucket
         "chex>=0.1.87",
         "ml-collections>=0.1.1",
         "absl-py>=2.0",
@@ -38,7 +40,10 @@ setuptools.setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # The GCS emulator the tests run bucket workdirs against (tests/gcs_emulator.py).
+        "test": ["pytest>=8", "hypothesis>=6.100", "gcp-storage-emulator>=2026.7"],
+        # gs:// workdirs, checkpoints and prompts (bond_jax.paths).
+        "gcs": ["gcsfs>=2024.2"],
         # torch is only needed to check our converter against the PyTorch reference models.
         # 2.13 is the CPU wheel our CI installs; newer releases default to multi-GB CUDA builds.
         "hf": ["torch>=2.4,<2.14"],

@@ -1,21 +1,23 @@
 """Train-state checkpoints with orbax: periodic (async) saves, keep-last-k, and a restore that checks before it reads.
 
 A checkpoint holds two items: `state` (the `TrainState` pytree, sharded arrays included) and `data` (the
-prompt iterator's JSON position), so a resumed run sees exactly the prompts an uninterrupted one would.
+prompt iterator's JSON position), so a resumed run sees exactly the prompts an uninterrupted one would. The
+directory is any path `paths` speaks: a local disk or an object store (`gs://...`), handed to orbax as it is.
 
-A run killed at any moment leaves only complete checkpoints among the step directories:
-- orbax writes each step into a temporary directory and renames it when complete, so a save cut short never
-  looks like a checkpoint (the next run deletes it);
-- an old step past `keep` is first renamed into `deleting/` (one atomic rename) and deleted from there, so a
-  deletion cut short leaves a half-deleted directory only in `deleting/`, which the next run empties.
+A run killed at any moment leaves only complete checkpoints among the step directories. Orbax marks a step
+complete in one atomic act, which a save cut short never reaches (the next run deletes what it left): on a local
+disk it renames a temporary directory to the step's, on an object store (no renames there) it writes
+`commit_success.txt` into the step's directory last. An old step past `keep` is retired the same way backwards
+before it is deleted: its `commit_success.txt` is deleted first (on an object store the step is then no
+checkpoint), then orbax renames it into `deleting/` (a local disk; orbax deletes in place on an object store), and
+only then are its files deleted, so a deletion cut short leaves a half-deleted directory that is no checkpoint and
+that the next run removes.
 A checkpoint whose tree and shapes match the run but whose files still cannot be read (truncated or missing array
 files) is reported, moved to `<directory>_unreadable/`, and the previous one is used. One whose tree or shapes do
 not match (another model's workdir, or a changed config) is the user's to resolve: `restore_latest` raises
 `CheckpointMismatchError` naming the differences and changes nothing.
 """
 
-import os
-import shutil
 import threading
 import time
 from typing import Any
@@ -25,8 +27,13 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-# Orbax's `todelete_subdir`: old steps are renamed into it, then deleted. Not a number, so never taken for a step.
+from bond_jax import paths
+
+# Orbax's `todelete_subdir`: old steps are renamed into it, then deleted (on a local disk). Not a number, so never
+# taken for a step.
 DELETING_SUBDIR = "deleting"
+# Orbax's mark of a complete step (on an object store, the only one).
+COMMIT_FILE = ocp.path.atomicity.COMMIT_SUCCESS_FILE
 _MAX_LISTED_MISMATCHES = 6
 
 
@@ -42,45 +49,57 @@ class Checkpointer:
   """Saves and restores `(train_state, data_state)` under `directory`.
 
   Example:
-    >>> ckpt = Checkpointer("/tmp/run/checkpoints", keep=3)
-    >>> ckpt.save(100, state, {"epoch": 0, "index": 1600})
-    >>> state, data_state = ckpt.restore_latest(abstract_state)   # None when there is no checkpoint
+    >>> import tempfile
+    >>> directory = tempfile.mkdtemp()
+    >>> ckpt = Checkpointer(directory, keep=2)
+    >>> for step in (1, 2, 3):
+    ...   ckpt.save(step, {"w": jnp.full(3, step)}, {"index": 16 * step})
+    >>> ckpt.close()
+    >>> ckpt = Checkpointer(directory, keep=2)
+    >>> state, data_state = ckpt.restore_latest(abstract_like({"w": jnp.zeros(3, int)}))  # None: no checkpoint
+    >>> ckpt.steps(), state["w"], data_state
+    ([2, 3], Array([3, 3, 3], dtype=int32), {'index': 48})
+    >>> ckpt.close()
   """
 
-  def __init__(self, directory: str, keep: int, async_save: bool = True, read_only: bool = False):
+  def __init__(self, directory: paths.PathLike, keep: int, async_save: bool = True, read_only: bool = False):
     """Opens `directory`, deleting what a killed run left unfinished there (unless `read_only`).
 
     Args:
-      directory: where the step directories are.
+      directory: where the step directories are: a local path or an object-store URI (`paths`).
       keep: how many recent checkpoints to keep.
       async_save: whether `save` returns before the checkpoint is on disk.
       read_only: only restore, changing nothing on disk (e.g. to inspect the checkpoints of a run in progress).
     """
-    self._directory = os.path.abspath(directory)
+    self._directory = paths.as_path(directory)
+    self._keep = keep
+    self._read_only = read_only
     self._primary = jax.process_index() == 0 and not read_only
     self._purge = None
     if self._primary:
       # Before orbax renames any step into `deleting/`: a leftover of the same step there would block the rename.
       self._purge_deleting()
+    # Old steps are retired by `_retire`, not by orbax's `max_to_keep`, which deletes without uncommitting first.
     options = (ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0) if read_only else
                ocp.CheckpointManagerOptions(
-                   max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-                   cleanup_tmp_directories=True, todelete_subdir=DELETING_SUBDIR))
+                   create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+                   todelete_subdir=DELETING_SUBDIR, enable_background_delete=True))
     self._manager = ocp.CheckpointManager(
         self._directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state: Any, data_state: dict) -> None:
-    """Starts saving `state` and `data_state` as `step` (asynchronously: call `wait` before relying on it)."""
+    """Starts saving `state` and `data_state` as `step` (asynchronously: call `wait` before relying on it).
+
+    The steps before the newest `keep` complete ones are retired first, so `keep` complete checkpoints remain
+    while this one is written.
+    """
+    self.wait()
+    self._retire(self.steps()[:-self._keep])
     self._manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
         force=True)
-    # The save above first waited for the previous one, which moved the steps past `keep` into `deleting/`.
-    if self._primary:
-      self._wait_for_purge()
-      self._purge = threading.Thread(target=self._purge_deleting, name="bond_jax_checkpoint_purge", daemon=True)
-      self._purge.start()
 
   def wait(self) -> None:
     """Blocks until any save in flight is on disk."""
@@ -105,8 +124,17 @@ class Checkpointer:
         the message names the first few differences.
       UnreadableCheckpointError: its files cannot be read.
 
-    Example:
-      >>> state, data_state = Checkpointer(directory, keep=3, read_only=True).restore(100, abstract_state)
+    Example (inspecting the checkpoints of a run in progress):
+      >>> import tempfile
+      >>> directory = tempfile.mkdtemp()
+      >>> ckpt = Checkpointer(directory, keep=2, async_save=False)
+      >>> ckpt.save(1, {"w": jnp.ones(3)}, {"index": 16})
+      >>> Checkpointer(directory, keep=2, read_only=True).restore(1, abstract_like({"w": jnp.zeros(3)}))
+      ({'w': Array([1., 1., 1.], dtype=float32)}, {'index': 16})
+      >>> Checkpointer(directory, keep=2, read_only=True).restore(1, abstract_like({"w": jnp.zeros(4)}))
+      Traceback (most recent call last):
+      ...
+      bond_jax.checkpointing.CheckpointMismatchError: the checkpoint at step 1 in ...: w: checkpoint (3,) vs ...
     """
     # Cut or missing files surface as ValueError (from TensorStore, which reads the arrays' metadata, or from the JSON
     # parser) or OSError, and a checkpoint without a `state` item as KeyError.
@@ -164,23 +192,41 @@ class Checkpointer:
   def _set_aside(self, steps: list[int]) -> None:
     """Moves unreadable step directories to `<directory>_unreadable/` (kept for inspection, never deleted).
 
-    The resumed run saves those steps again, and orbax never overwrites an existing step.
+    Each is uncommitted first, so a move cut short (an object store copies and deletes each file) leaves no
+    checkpoint behind. The resumed run saves those steps again, and orbax never overwrites an existing step.
     """
-    if jax.process_index() == 0:
+    if self._primary:
       for step in steps:
-        target = os.path.join(f"{self._directory}_unreadable", f"{step}.{time.time_ns()}")
+        target = self._directory.parent / f"{self._directory.name}_unreadable" / f"{step}.{time.time_ns()}"
         logging.warning("Moving the unreadable checkpoint at step %d to %s.", step, target)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.replace(os.path.join(self._directory, str(step)), target)
+        self._uncommit(step)
+        paths.move_dir(self._directory / str(step), target)
     multihost_utils.sync_global_devices("bond_jax_checkpoints_set_aside")
     self._manager.reload()
 
+  def _uncommit(self, step: int) -> None:
+    """Deletes the step's commit mark: on an object store the step is no checkpoint from then on."""
+    (self._directory / str(step) / COMMIT_FILE).unlink(missing_ok=True)
+
+  def _retire(self, steps: list[int]) -> None:
+    """Deletes old steps, each uncommitted first (all processes call it; the primary changes the files)."""
+    if not steps:
+      return
+    self._wait_for_purge()
+    for step in steps:
+      if self._primary:
+        self._uncommit(step)
+      self._manager.delete(step)  # In the background; on a local disk, a rename into `deleting/` first.
+    if self._primary:
+      self._purge = threading.Thread(target=self._purge_deleting, name="bond_jax_checkpoint_purge", daemon=True)
+      self._purge.start()
+
   def _purge_deleting(self) -> None:
     """Deletes the old steps orbax renamed into `deleting/` (a kill half-way leaves the rest to the next run)."""
-    deleting = os.path.join(self._directory, DELETING_SUBDIR)
-    if os.path.isdir(deleting):
-      for name in os.listdir(deleting):
-        shutil.rmtree(os.path.join(deleting, name))
+    deleting = self._directory / DELETING_SUBDIR
+    if deleting.is_dir():
+      for entry in deleting.iterdir():
+        entry.rmtree()
 
   def _wait_for_purge(self) -> None:
     if self._purge is not None:
@@ -188,11 +234,14 @@ class Checkpointer:
       self._purge = None
 
   def close(self) -> None:
+    """Waits for the save in flight, retires the steps before the newest `keep` and waits for their deletion."""
     self.wait()
-    self._manager.close()
+    if not self._read_only:
+      self._retire(self.steps()[:-self._keep])
+    self._manager.close()  # Waits for orbax's deletions.
     if self._primary:
       self._wait_for_purge()
-      self._purge_deleting()  # What the last save moved there.
+      self._purge_deleting()  # What the last deletions moved there.
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

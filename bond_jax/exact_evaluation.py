@@ -18,8 +18,18 @@ trainer passes the `distinct_prompts` of its first held-out batch, so each promp
 Distributions are those the run samples: at its sampling temperature.
 
 Example:
+  >>> from bond_jax import rewards, run_config
+  >>> from bond_jax.models import config as model_config_lib, transformer
+  >>> config = run_config.base_config()
+  >>> config.algorithm, config.sampling.max_new_tokens, config.exact.every = "bond", 2, 1
+  >>> model_config = model_config_lib.tiny(vocab_size=8)
+  >>> ref_params = transformer.init_params(model_config, jax.random.key(0))
+  >>> reward_fn = rewards.token_reward(lambda p, pm, g, gm: g.sum(-1).astype(jnp.float32))
   >>> exact_step = jax.jit(make_exact_step(config, model_config, reward_fn))
-  >>> metrics = exact_step(state.params, state.anchor_params, ref_params, distinct_prompts(batch))
+  >>> batch = distinct_prompts({"prompts": np.array([[1, 2], [1, 2]]), "prompt_mask": np.ones((2, 2), bool)})
+  >>> metrics = exact_step(ref_params, ref_params, ref_params, batch)   # the policy is still the reference
+  >>> float(metrics["exact/kl_pi_ref"]), bool(metrics["exact/kl_bon_ref"] <= np.log(8) - 7 / 8)
+  (0.0, True)
 """
 
 from collections.abc import Callable
@@ -50,7 +60,9 @@ def distinct_prompts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
   Example:
     >>> distinct_prompts({"prompts": np.array([[1, 2], [3, 4], [1, 2]]), "prompt_mask": np.ones((3, 2), bool)})
-    >>> # {"prompts": [[1, 2], [3, 4]], "prompt_mask": [[True, True], [True, True]]}
+    {'prompts': array([[1, 2],
+           [3, 4]]), 'prompt_mask': array([[ True,  True],
+           [ True,  True]])}
   """
   prompts, prompt_mask = np.asarray(batch["prompts"]), np.asarray(batch["prompt_mask"]).astype(bool)
   _, first = np.unique(np.concatenate([prompts, prompt_mask], axis=1), axis=0, return_index=True)

@@ -6,11 +6,17 @@ the `V**T` generations can be scored: the policy's, the reference's and Best-of-
 and so are the KL divergences between them. These are the oracles the trained policy is measured against.
 
 Example:
+  >>> from bond_jax.models import config as model_config_lib, transformer
+  >>> model_config = model_config_lib.tiny(vocab_size=8)
+  >>> params, ref_params = (transformer.init_params(model_config, jax.random.key(seed)) for seed in (0, 1))
+  >>> prompts, prompt_mask = jnp.array([[1, 2], [3, 4]]), jnp.ones((2, 2), bool)
   >>> generations = all_generations(vocab_size=8, length=3)                        # [512, 3]
   >>> log_pi = enumerated_log_probs(params, model_config, prompts, prompt_mask, generations)   # [batch, 512]
   >>> log_ref = enumerated_log_probs(ref_params, model_config, prompts, prompt_mask, generations)
+  >>> rewards = jnp.broadcast_to(generations.sum(-1).astype(jnp.float32), log_ref.shape)   # a token-sum reward
   >>> log_bon = bon_log_probs(log_ref, rewards, n=4)
-  >>> kl_divergence(log_pi, log_bon)                                               # [batch], nats
+  >>> kl_divergence(log_pi, log_bon).shape                                         # [batch], nats
+  (2,)
 """
 
 import chex
@@ -29,7 +35,8 @@ def num_generations(vocab_size: int, length: int) -> int:
   """`vocab_size ** length`, checked against `MAX_GENERATIONS`; ValueError naming the argument otherwise.
 
   Example:
-    >>> num_generations(8, 3)   # 512
+    >>> num_generations(8, 3)
+    512
   """
   for name, value in (("vocab_size", vocab_size), ("length", length)):
     if not isinstance(value, int) or value < 1:
@@ -48,7 +55,8 @@ def all_generations(vocab_size: int, length: int) -> jax.Array:
     `[vocab_size**length, length]` int32; row `i` spells `i` in base `vocab_size`, most significant token first.
 
   Example:
-    >>> all_generations(2, 2)   # [[0, 0], [0, 1], [1, 0], [1, 1]]
+    >>> all_generations(2, 2).tolist()
+    [[0, 0], [0, 1], [1, 0], [1, 1]]
   """
   count = num_generations(vocab_size, length)
   powers = vocab_size ** np.arange(length - 1, -1, -1)
@@ -76,7 +84,13 @@ def enumerated_log_probs(params, model_config: ModelConfig, prompts: jax.Array, 
     `[batch, num_generations]` float32 sequence log-probabilities.
 
   Example:
-    >>> log_pi = enumerated_log_probs(params, model_config, prompts, prompt_mask, all_generations(8, 3))
+    >>> from bond_jax.models import config as model_config_lib, transformer
+    >>> model_config = model_config_lib.tiny(vocab_size=8)
+    >>> params = transformer.init_params(model_config, jax.random.key(0))
+    >>> log_pi = enumerated_log_probs(params, model_config, jnp.array([[1, 2]]), jnp.ones((1, 2), bool),
+    ...                               all_generations(8, 3))
+    >>> float(jax.nn.logsumexp(log_pi))   # every generation of 3 tokens: probability 1
+    0.0
   """
   chex.assert_rank([prompts, prompt_mask, generations], 2)
   tokens = jnp.broadcast_to(generations, (prompts.shape[0],) + generations.shape)
@@ -110,7 +124,8 @@ def exact_quantiles(ref_log_probs: jax.Array, rewards: jax.Array) -> tuple[jax.A
 
   Example:
     >>> p_lt, p_le = exact_quantiles(jnp.log(jnp.array([.5, .25, .25])), jnp.array([1., 0., 1.]))
-    >>> # p_lt = [.25, 0, .25], p_le = [1, .25, 1]
+    >>> p_lt.tolist(), p_le.tolist()
+    ([0.25, 0.0, 0.25], [1.0, 0.25, 1.0])
   """
   chex.assert_equal_shape([ref_log_probs, rewards])
   shape = rewards.shape
@@ -134,7 +149,8 @@ def bon_log_probs(ref_log_probs: jax.Array, rewards: jax.Array, n: int) -> jax.A
     `[..., num_generations]` float32 log-probabilities (each row sums to 1 in probability).
 
   Example:
-    >>> bon_log_probs(jnp.log(jnp.array([.5, .5])), jnp.array([0., 1.]), n=2)   # log [1/4, 3/4]
+    >>> jnp.exp(bon_log_probs(jnp.log(jnp.array([.5, .5])), jnp.array([0., 1.]), n=2)).tolist()
+    [0.25, 0.75]
   """
   p_lt, p_le = exact_quantiles(ref_log_probs, rewards)
   return quantiles.bon_log_prob(ref_log_probs.astype(jnp.float32), p_lt, p_le, n)
@@ -151,7 +167,8 @@ def kl_divergence(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     `[...]` KL in nats.
 
   Example:
-    >>> kl_divergence(jnp.log(jnp.array([.5, .5])), jnp.log(jnp.array([.25, .75])))   # 0.144
+    >>> round(float(kl_divergence(jnp.log(jnp.array([.5, .5])), jnp.log(jnp.array([.25, .75])))), 3)
+    0.144
   """
   chex.assert_equal_shape([log_p, log_q])
   p = jnp.exp(log_p)
@@ -163,7 +180,8 @@ def expectation(log_p: jax.Array, values: jax.Array) -> jax.Array:
   """`E_{y~p}[values(y)]` over the last axis: `[..., num_generations]` twice -> `[...]`.
 
   Example:
-    >>> expectation(jnp.log(jnp.array([.5, .5])), jnp.array([0., 1.]))   # 0.5
+    >>> float(expectation(jnp.log(jnp.array([.5, .5])), jnp.array([0., 1.])))
+    0.5
   """
   chex.assert_equal_shape([log_p, values])
   return jnp.sum(jnp.exp(log_p) * values, axis=-1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from typing import Any
 
 from absl import logging
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from bond_jax import checkpointing
+from bond_jax import paths
 from bond_jax import run_components
 from bond_jax import train_state
 from bond_jax.data import prompt_encoding
@@ -34,7 +36,7 @@ def _host_array(x: jax.Array) -> np.ndarray:
   return np.asarray(x)
 
 
-def export_policy(params: Any, model_config: ModelConfig, tokenizer: Any, out_dir: str | os.PathLike,
+def export_policy(params: Any, model_config: ModelConfig, tokenizer: Any, out_dir: paths.PathLike,
                   dtype: str | None = None) -> None:
   """Writes a policy as a Hugging Face checkpoint directory that `transformers` loads with the same logits.
 
@@ -46,7 +48,8 @@ def export_policy(params: Any, model_config: ModelConfig, tokenizer: Any, out_di
     tokenizer: the policy's tokenizer (as `run_components.load_policy` returns it, or the transformers tokenizer it
       wraps): a transformers tokenizer has its files written alongside; any other (e.g. `IdTokenizer`) or None,
       none are.
-    out_dir: the directory to write (created if missing; files of the same names are replaced).
+    out_dir: the directory to write, local or on an object store (`paths`; created if missing; files of the same
+      names are replaced, each written whole).
     dtype: the dtype to write the weights in (e.g. "bfloat16"); None keeps the parameters' own.
 
   Raises:
@@ -69,18 +72,19 @@ def export_policy(params: Any, model_config: ModelConfig, tokenizer: Any, out_di
     model_config = dataclasses.replace(model_config, param_dtype=dtype)
   if jax.process_index() != 0:
     return
-  out_dir = os.fspath(out_dir)
   hf.save_checkpoint(host_params, model_config, out_dir)
   if isinstance(tokenizer, prompt_encoding.PromptTokenizer):
     tokenizer = tokenizer.tokenizer
   if hasattr(tokenizer, "save_pretrained"):
-    tokenizer.save_pretrained(out_dir)
+    with tempfile.TemporaryDirectory(prefix="bond_jax_tokenizer_") as local:  # transformers writes local files.
+      tokenizer.save_pretrained(local)
+      paths.copy_files(local, out_dir)
   elif tokenizer is not None:
     logging.info("export_policy: the %s has no files to write; %s holds the model only.",
                  type(tokenizer).__name__, out_dir)
 
 
-def restore_run_policy(workdir: str, step: int | None = None) -> tuple[Any, ModelConfig, Any, int]:
+def restore_run_policy(workdir: paths.PathLike, step: int | None = None) -> tuple[Any, ModelConfig, Any, int]:
   """The policy of a run's checkpoint, on the host's CPU: `(params, model_config, tokenizer, step)`.
 
   The run's `config.json` (in `workdir`) names the reference policy, which gives the tree, the model config and
@@ -88,7 +92,7 @@ def restore_run_policy(workdir: str, step: int | None = None) -> tuple[Any, Mode
   times the policy's size in host memory) and its policy kept.
 
   Args:
-    workdir: the run's directory (`experiments/run.py --workdir`).
+    workdir: the run's directory (`experiments/run.py --workdir`), local or on an object store.
     step: the checkpoint to read; None: the newest.
 
   Raises:
@@ -99,18 +103,17 @@ def restore_run_policy(workdir: str, step: int | None = None) -> tuple[Any, Mode
 
   `experiments/export.py` is the example: `export_policy(*restore_run_policy(workdir)[:3], out_dir)`.
   """
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} does not exist: is {workdir!r} the --workdir of a run?")
-  with open(config_path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config_path = paths.as_path(workdir) / "config.json"
+  if not config_path.exists():
+    raise FileNotFoundError(f"{config_path} does not exist: is {os.fspath(workdir)!r} the --workdir of a run?")
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
   ref_params, model_config, tokenizer = run_components.load_policy(config)
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   abstract_state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
       jax.eval_shape(lambda p: train_state.create_train_state(p, train_state.make_optimizer(config.optimizer),
                                                               config.seed), ref_params))
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, read_only=True)
+  checkpointer = checkpointing.Checkpointer(paths.as_path(workdir) / "checkpoints", keep=1, read_only=True)
   try:
     steps = checkpointer.steps()
     if not steps:

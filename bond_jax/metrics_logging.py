@@ -1,16 +1,36 @@
-"""Metric sinks: a JSONL file (one object per logged step, with `step`) and TensorBoard event files.
+"""Metric sinks: a JSONL file (one object per logged step, with `step`) and TensorBoard event files, on any file
+system `paths` speaks (a local disk or an object store).
 
-Only process 0 writes, so multi-host runs produce one record per step.
+Both are written whole, never appended to, since an object store cannot append: `metrics.jsonl` is rewritten at
+each write (`paths.write_whole`), and the TensorBoard events go to a local staging file that is written to
+`tensorboard/` as a new event file (TensorBoard reads them all, in order) at each `flush`, so no event file is
+uploaded twice. Only process 0 writes, so multi-host runs produce one record per step.
+
+Example:
+  >>> import tempfile
+  >>> workdir = tempfile.mkdtemp()
+  >>> writer = MetricsWriter(workdir)
+  >>> writer.write(10, {"reward/policy": 0.5})
+  >>> writer.close()
+  >>> run = paths.as_path(workdir)
+  >>> (run / "metrics.jsonl").read_text(), len(list((run / "tensorboard").iterdir()))
+  ('{"step": 10, "reward/policy": 0.5}\\n', 1)
 """
 
 import json
 import math
-import os
+import tempfile
+import time
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 from tensorboardX import SummaryWriter
+
+from bond_jax import paths
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def to_python_scalars(metrics: Mapping[str, object]) -> dict[str, float]:
@@ -18,56 +38,81 @@ def to_python_scalars(metrics: Mapping[str, object]) -> dict[str, float]:
   return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
 
-def _drop_records_after(path: str, step: int) -> None:
-  if not os.path.exists(path):
-    return
-  kept = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:  # A line cut short when the process was killed.
-        continue
-      if record["step"] <= step:
-        kept.append(line)
-  # Written aside and renamed over the file: a kill half-way must not lose the records the resumed run keeps.
-  with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-    f.writelines(kept)
-  os.replace(f"{path}.tmp", path)
+class _EventFiles:
+  """TensorBoard events staged in a local file and written to `directory` as one new event file per `flush`.
+
+  `purge_step` goes into the first file: TensorBoard then hides the events of earlier files from that step on.
+  """
+
+  def __init__(self, directory: paths.Path, purge_step: int, flush_secs: float):
+    self._directory = directory
+    self._purge_step = purge_step
+    self._flush_secs = flush_secs
+    self._staging = tempfile.TemporaryDirectory(prefix="bond_jax_tensorboard_")
+    self._writer = None
+    self._started = 0.0
+
+  def add_scalars(self, step: int, values: Mapping[str, float]) -> None:
+    if self._writer is None:
+      # The suffix orders the files of one second and keeps them apart.
+      self._writer = SummaryWriter(self._staging.name, purge_step=self._purge_step,
+                                   filename_suffix=f".{time.time_ns()}")
+      self._purge_step, self._started = None, time.monotonic()
+    for name, value in values.items():
+      self._writer.add_scalar(name, value, step)
+    if time.monotonic() - self._started > self._flush_secs:
+      self.flush()
+
+  def flush(self) -> None:
+    if self._writer is None:
+      return
+    self._writer.close()
+    self._writer = None
+    for staged in paths.as_path(self._staging.name).iterdir():
+      paths.write_whole(self._directory / staged.name, staged.read_bytes())
+      staged.unlink()
+
+  def close(self) -> None:
+    self.flush()
+    self._staging.cleanup()
 
 
 class MetricsWriter:
-  """Appends metric records to `workdir/metrics.jsonl` and TensorBoard events under `workdir/tensorboard`.
+  """Writes metric records to `workdir/metrics.jsonl` and TensorBoard events under `workdir/tensorboard`.
 
-  Example:
-    >>> writer = MetricsWriter("/tmp/run")
-    >>> writer.write(10, {"reward/policy": 0.3})
-    >>> writer.close()
+  What `write` was given is durable after the next `flush` (and `metrics.jsonl` at once); the trainer flushes
+  before each checkpoint, so a resumed run finds every record up to its checkpoint.
   """
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: paths.PathLike, resume_step: int = 0, flush_secs: float = 120.0):
     """Opens the sinks; `resume_step` drops records past it (logged after the checkpoint a run resumes from): from
-    metrics.jsonl, and from what TensorBoard shows of the event files."""
+    metrics.jsonl, and from what TensorBoard shows of the event files. TensorBoard files are written at least
+    every `flush_secs` seconds while records come."""
     self._active = jax.process_index() == 0
     if self._active:
-      os.makedirs(workdir, exist_ok=True)
-      path = os.path.join(workdir, "metrics.jsonl")
-      _drop_records_after(path, resume_step)
-      self._jsonl = open(path, "a", encoding="utf-8")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+      workdir = paths.as_path(workdir)
+      self._path = workdir / METRICS_FILE
+      self._lines = []
+      if self._path.exists():
+        self._lines = [line + "\n" for line in self._path.read_text().splitlines()
+                       if json.loads(line)["step"] <= resume_step]
+        paths.write_whole(self._path, "".join(self._lines))
+      self._events = _EventFiles(workdir / TENSORBOARD_DIR, resume_step + 1, flush_secs)
 
   def write(self, step: int, metrics: Mapping[str, object]) -> None:
     if not self._active:
       return
     values = to_python_scalars(metrics)
     record = {"step": int(step), **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
-    for name, value in values.items():
-      self._tb.add_scalar(name, value, int(step))
-    self._tb.flush()
+    self._lines.append(json.dumps(record) + "\n")
+    paths.write_whole(self._path, "".join(self._lines))
+    self._events.add_scalars(int(step), values)
+
+  def flush(self) -> None:
+    """Makes every TensorBoard event written so far durable."""
+    if self._active:
+      self._events.flush()
 
   def close(self) -> None:
     if self._active:
-      self._jsonl.close()
-      self._tb.close()
+      self._events.close()

@@ -12,13 +12,13 @@ Example:
 
 from collections.abc import Mapping, Sequence
 import json
-import os
 import re
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 import numpy as np
 
+from bond_jax import paths
 from bond_jax import quantiles
 
 METRICS = {"quantile": "reward quantile against the reference (held-out)",
@@ -26,10 +26,11 @@ METRICS = {"quantile": "reward quantile against the reference (held-out)",
 _BON_KEY = re.compile(r"eval/reward/bon_(\d+)$")
 
 
-def read_eval_records(workdir: str) -> list[dict]:
-  """The evaluation records (those with `eval/reward/policy`) of `workdir/metrics.jsonl`, in order."""
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    records = [r for r in map(json.loads, f) if "eval/reward/policy" in r]
+def read_eval_records(workdir: paths.PathLike) -> list[dict]:
+  """The evaluation records (those with `eval/reward/policy`) of `workdir/metrics.jsonl`, in order (`workdir`: any
+  path `paths` speaks)."""
+  text = (paths.as_path(workdir) / "metrics.jsonl").read_text()
+  records = [r for r in map(json.loads, text.splitlines()) if "eval/reward/policy" in r]
   if not records:
     raise ValueError(f"{workdir}/metrics.jsonl has no evaluation records (eval/reward/policy).")
   return records
@@ -86,7 +87,7 @@ def draw(ax: Axes, metric: str, curves: Mapping[str, Sequence[Mapping[str, float
   ax.legend(fontsize=7, loc="lower right")
 
 
-def plot_run(workdir: str) -> str:
+def plot_run(workdir: paths.PathLike) -> str:
   """Writes `workdir/tradeoff.png` (quantile and reward against KL over the run, with Best-of-N); returns its path.
 
   Best-of-N comes from the run's last evaluation (`config.eval.bon_ns`).
@@ -97,9 +98,11 @@ def plot_run(workdir: str) -> str:
   axes = fig.subplots(1, 2)
   for ax, metric in zip(axes, METRICS):
     draw(ax, metric, curves, bon, max_analytic_n=max([p["n"] for p in bon], default=16))
-  fig.suptitle(f"{os.path.basename(os.path.normpath(workdir))}: policy along training vs Best-of-N of the "
+  workdir = paths.as_path(workdir)
+  fig.suptitle(f"{workdir.name}: policy along training vs Best-of-N of the "
                "reference")
   fig.tight_layout()
-  path = os.path.join(workdir, "tradeoff.png")
-  fig.savefig(path, dpi=110)
-  return path
+  path = workdir / "tradeoff.png"
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=110)
+  return str(path)

@@ -18,6 +18,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from absl import logging
 import chex
 import jax
 from jax import lax
@@ -190,7 +191,8 @@ def retokenized_reward_model(params, model_config: ModelConfig, reward_tokenizer
   prompt_of``: the conversation of a templated prompt, not its markup) and each generation decoded (by its
   mask); ``reward_model_ids`` encodes them with the reward model's tokenizer and chat template. The reward
   model then runs on the device on ``[batch * samples, max_len]`` right-padded ids and is pooled as
-  ``reward_model`` pools (Hugging Face's classifiers).
+  ``reward_model`` pools (Hugging Face's classifiers). A sequence longer than ``max_len`` keeps its last
+  ``max_len`` tokens (the response and the context nearest to it), with a warning.
 
   Args:
     params: parameters of a model with ``head == "score"`` and ``num_labels == 1``.
@@ -205,7 +207,6 @@ def retokenized_reward_model(params, model_config: ModelConfig, reward_tokenizer
 
   Raises:
     ValueError: the model is not a one-label ``score`` model, or ``max_len`` does not fit it.
-    RewardError (when called): a re-tokenized sequence longer than ``max_len``.
 
   Example:
     >>> from bond_jax.data import id_tokenizer
@@ -242,8 +243,11 @@ def retokenized_reward_model(params, model_config: ModelConfig, reward_tokenizer
                                      _response(policy, prompt_ids, prompt_text, generated[b * samples + s])))
     longest = max(map(len, rows))
     if longest > max_len:
-      raise RewardError(f"a prompt and generation re-tokenized for the reward model take {longest} tokens, more than "
-                        f"max_len={max_len} (config.reward.max_len).")
+      # As reward pipelines truncate: keep the end, the response and the context nearest to it.
+      logging.log_every_n_seconds(
+          logging.WARNING, "A prompt and generation re-tokenized for the reward model take %d tokens, more than "
+          "max_len=%d (config.reward.max_len): the reward model reads their last %d.", 60, longest, max_len, max_len)
+      rows = [row[-max_len:] for row in rows]
     ids = np.zeros((len(rows), max_len), np.int32)  # Right-padded; the mask, not the filler id, tells padding.
     real = np.arange(max_len) < np.array([len(r) for r in rows])[:, None]
     ids[real] = np.concatenate(rows)

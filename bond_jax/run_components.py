@@ -18,6 +18,7 @@ Example:
 """
 
 import dataclasses
+import functools
 import importlib
 import os
 
@@ -26,8 +27,10 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 
+from bond_jax import paths
 from bond_jax import rewards
 from bond_jax import run_config
+from bond_jax import sharding
 from bond_jax.data import id_tokenizer
 from bond_jax.data import prompt_batches
 from bond_jax.data import prompt_encoding
@@ -41,26 +44,32 @@ from bond_jax.tasks import sentiment
 DEFAULT_POLICY_DIR = os.path.join(default_assets.ASSETS_DIR, "policy")
 
 
-def load_policy(config: ml_collections.ConfigDict):
+def load_policy(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
   """(reference params, model config, tokenizer) of `config.policy`; the policy starts as the reference.
 
-  The tokenizer is a `prompt_encoding.PromptTokenizer`: the policy's tokenizer with `config.policy.pad_token` as
-  its pad token if set, rendering prompts with its chat template if `config.data.chat_template`.
+  A checkpoint directory may be local or on an object store (`paths`). With `mesh`, the parameters are created or
+  read straight onto the mesh, sharded by `sharding.param_shardings`, each process reading only its share of a
+  checkpoint's bytes (`hf.load_checkpoint`); without, onto the default device. The tokenizer is a
+  `prompt_encoding.PromptTokenizer`: the policy's tokenizer with `config.policy.pad_token` as its pad token if set,
+  rendering prompts with its chat template if `config.data.chat_template`.
   """
   policy = config.policy
   if policy.source == "init":
     model_config = ModelConfig(**policy.model.to_dict(), dtype=policy.dtype, remat=config.memory.remat)
-    params = transformer.init_params(model_config, jax.random.PRNGKey(config.seed))
+    init = functools.partial(transformer.init_params, model_config)
+    key = jax.random.PRNGKey(config.seed)
+    shardings = None if mesh is None else sharding.param_shardings(jax.eval_shape(init, key), mesh)
+    params = jax.jit(init, out_shardings=shardings)(key)
     tokenizer = (hf.load_tokenizer(policy.tokenizer_path) if policy.tokenizer_path
                  else id_tokenizer.IdTokenizer(model_config.vocab_size))
     return params, model_config, _prompt_tokenizer(config, tokenizer)
   path = DEFAULT_POLICY_DIR if policy.source == "default" else policy.path
-  if not os.path.isdir(path):
+  if not paths.as_path(path).is_dir():
     raise FileNotFoundError(
         f"config.policy: no checkpoint directory at {path!r}"
         + (" (run `python experiments/pretrain.py` to make the shipped one)" if policy.source == "default" else ""))
   # Parameters stay float32 (the optimizer's updates are far below bfloat16's resolution); `dtype` is the compute's.
-  params, model_config = hf.load_checkpoint(path)
+  params, model_config = hf.load_checkpoint(path, mesh=mesh)
   model_config = dataclasses.replace(model_config, dtype=policy.dtype, remat=config.memory.remat)
   if model_config.head != "lm":
     raise run_config.ConfigError(
@@ -92,7 +101,7 @@ def load_reward_tokenizer(config: ml_collections.ConfigDict):
     run_config.ConfigError: naming `config.reward.path` when neither directory holds a tokenizer.
   """
   path = config.reward.tokenizer_path or config.reward.path
-  if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+  if not any((paths.as_path(path) / name).is_file() for name in TOKENIZER_FILES):
     field = "tokenizer_path" if config.reward.tokenizer_path else "path"
     raise run_config.ConfigError(
         f"config.reward.{field} = {path!r} is not allowed: it holds no tokenizer (none of {TOKENIZER_FILES}), "
@@ -100,7 +109,8 @@ def load_reward_tokenizer(config: ml_collections.ConfigDict):
   return hf.load_tokenizer(path)
 
 
-def load_reward(config: ml_collections.ConfigDict, tokenizer) -> rewards.RewardFn:
+def load_reward(config: ml_collections.ConfigDict, tokenizer, mesh: jax.sharding.Mesh | None = None
+                ) -> rewards.RewardFn:
   """The `RewardFn` of `config.reward`: the shipped sentiment score, a reward model, or a Python function of
   texts ("python") or of token ids ("python_tokens", see `rewards.token_reward`).
 
@@ -112,6 +122,7 @@ def load_reward(config: ml_collections.ConfigDict, tokenizer) -> rewards.RewardF
   Args:
     config: the run config.
     tokenizer: the policy's tokenizer from `load_policy` (the one the prompts are encoded with).
+    mesh: where to read a reward model's parameters onto, as `load_policy` does.
 
   Raises:
     run_config.ConfigError: a reward model directory without a tokenizer, conversations for a reward model
@@ -122,7 +133,7 @@ def load_reward(config: ml_collections.ConfigDict, tokenizer) -> rewards.RewardF
   if kind == "default":
     return rewards.text_reward(sentiment.sentiment_reward, tokenizer)
   if kind == "reward_model":
-    return _load_reward_model(config, tokenizer)
+    return _load_reward_model(config, tokenizer, mesh)
   module_name, _, function_name = config.reward.function.partition(":")
   try:
     fn = getattr(importlib.import_module(module_name), function_name)
@@ -134,11 +145,10 @@ def load_reward(config: ml_collections.ConfigDict, tokenizer) -> rewards.RewardF
   return rewards.text_reward(fn, tokenizer)
 
 
-def _load_reward_model(config: ml_collections.ConfigDict, policy: prompt_encoding.PromptTokenizer
-                       ) -> rewards.RewardFn:
-  params, model_config = hf.load_checkpoint(config.reward.path)
-  model_config = dataclasses.replace(model_config, dtype=config.reward.dtype)
-  params = transformer.cast_to_compute_dtype(params, model_config)  # Frozen: held in its compute dtype.
+def _load_reward_model(config: ml_collections.ConfigDict, policy: prompt_encoding.PromptTokenizer,
+                       mesh: jax.sharding.Mesh | None) -> rewards.RewardFn:
+  # Frozen: read straight onto the mesh in its compute dtype, which its weights are held in.
+  params, model_config = hf.load_checkpoint(config.reward.path, config.reward.dtype, mesh)
   reward_tokenizer = load_reward_tokenizer(config)
   policy_template = policy.tokenizer.chat_template if policy.chat_template else None
   reward_template = getattr(reward_tokenizer, "chat_template", None)
@@ -160,7 +170,7 @@ def _load_reward_model(config: ml_collections.ConfigDict, policy: prompt_encodin
   return rewards.retokenized_reward_model(params, model_config, reward_tokenizer, policy, max_len)
 
 
-def load_prompts(config: ml_collections.ConfigDict, tokenizer, model_config: ModelConfig, workdir: str,
+def load_prompts(config: ml_collections.ConfigDict, tokenizer, model_config: ModelConfig, workdir: paths.PathLike,
                  ) -> tuple[prompt_batches.PromptIterator, prompt_batches.PromptIterator]:
   """(train, eval) prompt iterators for this host; eval visits held-out prompts in order, forever ("inline"
   prompts are both: a synthetic task is measured on the prompts it trains on)."""
@@ -174,7 +184,7 @@ def load_prompts(config: ml_collections.ConfigDict, tokenizer, model_config: Mod
       multihost_utils.sync_global_devices("bond_jax: prompts prepared by process 0")
     train_texts, eval_texts = prompt_sources.load_prompt_splits(
         data.source, path=data.path, tfds_name=data.tfds_name,
-        data_dir=data.data_dir or os.path.join(workdir, "tfds"), text_key=data.text_key)
+        data_dir=data.data_dir or os.fspath(paths.as_path(workdir) / "tfds"), text_key=data.text_key)
     if jax.process_index() == 0 and jax.process_count() > 1:
       multihost_utils.sync_global_devices("bond_jax: prompts prepared by process 0")
   common = dict(tokenizer=tokenizer, batch_size=config.batch_size, prompt_len=data.prompt_len,

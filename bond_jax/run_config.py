@@ -17,6 +17,7 @@ import ml_collections
 
 from bond_jax import algorithms
 from bond_jax import anchor
+from bond_jax import data
 from bond_jax import sharding
 from bond_jax.data import prompt_batches
 from bond_jax.models.config import REMAT_POLICIES
@@ -24,7 +25,6 @@ from bond_jax.models.config import REMAT_POLICIES
 REWARD_KINDS = ("default", "reward_model", "python", "python_tokens")
 USER_REWARD_KINDS = ("python", "python_tokens")  # The user's own code: checked on real prompts before compiling.
 POLICY_SOURCES = ("default", "hf_checkpoint", "init")
-DATA_SOURCES = ("default", "prompt_file", "tfds", "inline")
 
 
 class ConfigError(ValueError):
@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.policy = ml_collections.ConfigDict()
   c.policy.source = "default"  # "default" (shipped tiny LM) | "hf_checkpoint" (local HF dir) | "init" (random).
-  c.policy.path = ""  # Local Hugging Face checkpoint directory, for source "hf_checkpoint".
+  c.policy.path = ""  # Hugging Face checkpoint directory (local or gs://...), for source "hf_checkpoint".
   c.policy.tokenizer_path = ""  # Tokenizer directory; empty: the policy's directory (or the shipped one).
   c.policy.dtype = "float32"  # Compute dtype: "float32" | "bfloat16". The policy, the anchor and the optimizer
   # state stay float32; the frozen reference is held in the compute dtype (which changes none of its outputs).
@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.prompts = ()  # Prompt texts for "inline".
   c.data.path = ""  # Prompt file for "prompt_file".
   c.data.tfds_name = ""  # Registered TFDS dataset for "tfds", e.g. "xsum".
-  c.data.data_dir = ""  # TFDS data_dir (prepared offline); empty: a directory inside the workdir.
+  c.data.data_dir = ""  # TFDS data_dir (prepared offline; in a bucket: copied locally); empty: inside the workdir.
   c.data.text_key = "prompt"  # Feature (TFDS) or JSON key holding the prompt text.
   c.data.prompt_len = 16  # Prompt tokens; longer prompts are handled by `overlong`.
   c.data.overlong = "truncate"  # "truncate" (keep the last prompt_len tokens) | "reject" (skip, counted).
@@ -193,7 +193,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "memory.remat": (_allowed(REMAT_POLICIES), f"one of {REMAT_POLICIES}"),
     "memory.micro_batches": (_positive, "a positive integer"),
     "memory.inference_micro_batches": (_positive, "a positive integer"),
-    "data.source": (_allowed(DATA_SOURCES), f"one of {DATA_SOURCES}"),
+    "data.source": (_allowed(data.SOURCES), f"one of {data.SOURCES}"),
     "data.prompt_len": (_positive, "a positive integer"),
     "data.overlong": (_allowed(prompt_batches.OVERLONG_POLICIES), f"one of {prompt_batches.OVERLONG_POLICIES}"),
     "sampling.max_new_tokens": (_positive, "a positive integer"),
@@ -299,7 +299,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _fail("eval.bon_ns", tuple(config.eval.bon_ns),
           f"sizes between 1 and eval.num_ref_samples = {config.eval.num_ref_samples}")
   if config.policy.source == "hf_checkpoint" and not config.policy.path:
-    _fail("policy.path", config.policy.path, "a local checkpoint directory when policy.source is 'hf_checkpoint'")
+    _fail("policy.path", config.policy.path, "a checkpoint directory when policy.source is 'hf_checkpoint'")
   if config.reward.kind == "reward_model" and not config.reward.path:
     _fail("reward.path", config.reward.path, "a local checkpoint directory when reward.kind is 'reward_model'")
   if config.reward.kind in USER_REWARD_KINDS and ":" not in config.reward.function:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import time
 from typing import Any, Callable, NamedTuple
@@ -28,6 +27,7 @@ from bond_jax import exact_evaluation
 from bond_jax import export
 from bond_jax import memory_estimate
 from bond_jax import metrics_logging
+from bond_jax import paths
 from bond_jax import plots
 from bond_jax import rewards
 from bond_jax import run_components
@@ -47,16 +47,19 @@ class NonFiniteLossError(RuntimeError):
   """Too many consecutive steps had a non-finite loss; the last good state was checkpointed."""
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict:
   """Runs `config` in `workdir` (resuming from its checkpoints); returns the final report ({} if stopped by a
   signal).
 
   Writes `workdir/config.json` (resolved config), `metrics.jsonl` (train records every `log_every` steps and
   `eval/*` records at each evaluation), `tensorboard/`, `checkpoints/` and, at the end, `policy/` (the trained
   policy as a Hugging Face checkpoint in `config.policy.dtype`, with its tokenizer and stop ids), `report.json`
-  and `tradeoff.png` (`plots.plot_run`).
+  and `tradeoff.png` (`plots.plot_run`). `workdir` is a local path or an object-store URI (`gs://bucket/run`, see
+  `paths`); every file is written whole, and checkpoints rely on orbax's commit marks, not on renames.
 
   Raises:
+    paths.PathError: `workdir` cannot be written (an unknown scheme, a missing bucket or client, no credentials, an
+      unreachable store), before anything is compiled.
     run_config.ConfigError: a bad config (before anything is compiled).
     prompt_batches.PromptError: the prompts cannot be used (before anything is compiled).
     rewards.RewardError: a user reward function (`config.reward.kind` "python" or "python_tokens") returns values
@@ -69,14 +72,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The config and the mesh.
   run_config.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh_shape, config.mesh_axes)  # make_mesh resolves the -1 itself.
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.check_workdir(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    paths.write_whole(workdir / "config.json", config.to_json_best_effort(indent=2))
 
-  # What the config names, checked before anything is placed on the mesh or compiled.
-  ref_params, model_config, tokenizer = run_components.load_policy(config)
-  reward_fn = run_components.load_reward(config, tokenizer)
+  # What the config names, checked before anything is compiled; the weights are read straight onto the mesh.
+  ref_params, model_config, tokenizer = run_components.load_policy(config, mesh)
+  reward_fn = run_components.load_reward(config, tokenizer, mesh)
   train_prompts, eval_prompts = run_components.load_prompts(config, tokenizer, model_config, workdir)
   optimizer = train_state_lib.make_optimizer(config.optimizer)
   _check_before_compiling(config, model_config, ref_params, reward_fn, optimizer, mesh, train_prompts, eval_prompts)
@@ -85,7 +87,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # The train state on the mesh, resumed from the workdir's latest readable checkpoint.
   ref_params, param_shardings, state, state_shardings = sharded_train_state(config, ref_params, optimizer, mesh)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+  checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
   restored = checkpointer.restore_latest(checkpointing.abstract_like(state))
   if restored is not None:
     state, data_state = restored
@@ -105,12 +107,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {}
 
   # The report, and the policy as a Hugging Face checkpoint (every process gathers its shards; process 0 writes).
-  export.export_policy(state.params, model_config, tokenizer, os.path.join(workdir, EXPORT_DIR),
-                       dtype=config.policy.dtype)
+  export.export_policy(state.params, model_config, tokenizer, workdir / EXPORT_DIR, dtype=config.policy.dtype)
   summary = evaluation.report(final, config.eval.bon_ns)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
+    paths.write_whole(workdir / "report.json", json.dumps(summary, indent=2))
     print(format_report(summary))
     print(f"plot: {plots.plot_run(workdir)}")
   eval_prompts.set_state(eval_start)
@@ -262,8 +262,9 @@ class TrainingLoop:
   """The training loop, its state and its exits.
 
   It steps from the state's step to `config.num_steps`, reading each step's metrics one step late (so the host
-  never stalls the device), evaluating, checkpointing and computing the exact KLs on their schedules. It ends in
-  one of four ways, each leaving the state of its last good step checkpointed:
+  never stalls the device; a checkpointed step's before its checkpoint, which waits for the step anyway),
+  evaluating, checkpointing and computing the exact KLs on their schedules. It ends in one of four ways, each leaving
+  the state of its last good step checkpointed:
   - every step done: the final evaluation is returned;
   - SIGTERM or SIGINT: the current step is checkpointed and `run` returns no evaluation;
   - a NaN or inf reward: the step was skipped; `RewardError` names the step and the prompt;
@@ -272,7 +273,7 @@ class TrainingLoop:
   Use it as a context manager: leaving it restores the signal handlers and closes the metric sinks.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, steps: CompiledSteps,
+  def __init__(self, config: ml_collections.ConfigDict, workdir: paths.Path, steps: CompiledSteps,
                checkpointer: checkpointing.Checkpointer, train_prompts: prompt_batches.PromptIterator,
                eval_prompts: prompt_batches.PromptIterator, batch_sharding: NamedSharding):
     self._config = config
@@ -369,7 +370,10 @@ class TrainingLoop:
           f"the last good state is checkpointed in {self._workdir}/checkpoints.")
 
   def _save(self) -> None:
-    """Checkpoints the state under its own step (the data position always matches it)."""
+    """Checkpoints the state under its own step (the data position always matches it), after the metrics up to it
+    are durable: a run resumed from it logs only the steps after it."""
+    self._record_pending()
+    self._writer.flush()
     step = int(self._state.step)
     # A stop (signal or non-finite losses) can come right after the periodic save of the same step.
     if step not in self._checkpointer.steps():

@@ -1,8 +1,11 @@
-r"""J-BOND at the paper's scale: Gemma 2B policy and a reward model from local checkpoints, on a GPU/TPU mesh.
+r"""J-BOND at the paper's scale: Gemma 2B policy and a reward model from Hugging Face checkpoints, on a GPU/TPU mesh.
 
+  pip install -e ".[gcs]"
   python experiments/run.py --config=configs/gemma_2b_jbond.py --workdir=gs://bucket/jbond_gemma2b \
-      --config.policy.path=/ckpt/gemma-2b-it --config.reward.path=/ckpt/reward_model \
-      --config.data.path=/data/prompts.jsonl
+      --config.policy.path=gs://bucket/gemma-2b-it --config.reward.path=gs://bucket/reward_model \
+      --config.data.path=gs://bucket/prompts.jsonl
+
+Every path may be local or a bucket URI (README, "Workdirs, checkpoints and prompts in a bucket").
 
 Settings from the paper (arXiv 2407.14622 v1, section 5): beta 0.5, eta 0.02, Adam at 3e-6 with 100 warm-up
 steps, 128 prompts per batch. Its number of steps and the gamma of the main comparison are not stated; gamma
@@ -28,7 +31,7 @@ def get_config():
   config.mesh_shape = (-1, 8, 1)  # Fits: ZeRO-3 over 8 devices (each holds 1/8 of every weight and state).
 
   config.policy.source = "hf_checkpoint"
-  config.policy.path = ""  # Set on the command line: a local Gemma 2B Hugging Face directory.
+  config.policy.path = ""  # Set on the command line: a Gemma 2B Hugging Face directory, local or in a bucket.
   config.policy.dtype = "bfloat16"  # Fits: bfloat16 compute, the reference held in bfloat16.
   config.reward.kind = "reward_model"
   config.reward.path = ""  # A *ForSequenceClassification checkpoint with one label.

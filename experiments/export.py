@@ -18,8 +18,9 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's --workdir (its config.json and checkpoints/).")
-_OUT = flags.DEFINE_string("out", None, "Directory to write the Hugging Face checkpoint to.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's --workdir (its config.json and checkpoints/), local or a "
+                                "bucket URI.")
+_OUT = flags.DEFINE_string("out", None, "Directory to write the Hugging Face checkpoint to, local or a bucket URI.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export; default: the newest.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "Dtype to write the weights in; default: the parameters' own (float32).")

@@ -22,7 +22,8 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from matplotlib.figure import Figure
 
-from bond_jax import plots  # pylint: disable=g-import-not-at-top
+from bond_jax import paths  # pylint: disable=g-import-not-at-top
+from bond_jax import plots
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding one run workdir per method.")
 _OUT = flags.DEFINE_string("out", None, "Directory for the PNGs and pareto.json; default: --workdir.")
@@ -50,26 +51,26 @@ def label(method: str) -> str:
 
 def main(argv):
   del argv
-  out = _OUT.value or _WORKDIR.value
-  os.makedirs(out, exist_ok=True)
-  run_dir = lambda m: os.path.join(_WORKDIR.value, m)
-  methods = [m for m in _METHODS.value if os.path.exists(os.path.join(run_dir(m), "metrics.jsonl"))]
+  out = paths.as_path(_OUT.value or _WORKDIR.value)
+  out.mkdir(parents=True, exist_ok=True)
+  run_dir = lambda m: paths.as_path(_WORKDIR.value) / m
+  methods = [m for m in _METHODS.value if (run_dir(m) / "metrics.jsonl").exists()]
   curves = {m: plots.eval_curve(plots.read_eval_records(run_dir(m))) for m in methods}
-  bon_path = os.path.join(run_dir(_BON.value), "metrics.jsonl")
-  bon = plots.best_of_n_points(plots.read_eval_records(run_dir(_BON.value))[-1]) if os.path.exists(bon_path) else []
+  bon_run = run_dir(_BON.value)
+  bon = plots.best_of_n_points(plots.read_eval_records(bon_run)[-1]) if (bon_run / "metrics.jsonl").exists() else []
 
-  paths = []
+  written = []
   for metric, title in TITLES.items():
     fig = Figure(figsize=(7.5, 5))
     ax = fig.subplots()
     plots.draw(ax, metric, {label(m): c for m, c in curves.items()}, bon)
     ax.set_title(title)
     fig.tight_layout()
-    paths.append(os.path.join(out, f"pareto_{metric}.png"))
-    fig.savefig(paths[-1], dpi=120)
+    written.append(out / f"pareto_{metric}.png")
+    with written[-1].open("wb") as f:
+      fig.savefig(f, format="png", dpi=120)
 
-  with open(os.path.join(out, "pareto.json"), "w", encoding="utf-8") as f:
-    json.dump({"runs": curves, "best_of_n": bon}, f, indent=2)
+  paths.write_whole(out / "pareto.json", json.dumps({"runs": curves, "best_of_n": bon}, indent=2))
   print(f"{'method':<16} {'step':>5} {'KL(.||ref)':>10} {'reward':>8} {'quantile':>8}")
   for m, rows in curves.items():
     for r in rows[1:]:
@@ -77,7 +78,7 @@ def main(argv):
   for p in bon:
     print(f"{'best_of_' + str(p['n']):<16} {'':>5} {p['kl']:>10.3f} {p['reward']:>8.3f} {p['quantile']:>8.3f}"
           f"  (analytic quantile {p['analytic_quantile']:.3f})")
-  print("\n".join(f"wrote {p}" for p in paths))
+  print("\n".join(f"wrote {p}" for p in written))
 
 
 if __name__ == "__main__":

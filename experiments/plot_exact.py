@@ -28,6 +28,7 @@ import matplotlib
 import ml_collections
 
 from bond_jax import algorithms
+from bond_jax import paths
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -42,15 +43,14 @@ TARGET_KL = 0.05  # nats: the exact KL(π || π_BoN) a one-shot run must end bel
 
 def read_run(workdir: str) -> tuple[algorithms.Algorithm, dict[str, list[tuple[int, float]]]]:
   """(the run's algorithm, {metric: [(step, value), ...]}) of a run's exact metrics."""
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    algorithm = algorithms.from_config(ml_collections.ConfigDict(json.load(f)))
+  run = paths.as_path(workdir)  # Local or in a bucket.
+  algorithm = algorithms.from_config(ml_collections.ConfigDict(json.loads((run / "config.json").read_text())))
   series: dict[str, list[tuple[int, float]]] = {}
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      record = json.loads(line)
-      for key, value in record.items():
-        if key.startswith("exact/") and value is not None:
-          series.setdefault(key, []).append((record["step"], value))
+  for line in (run / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    for key, value in record.items():
+      if key.startswith("exact/") and value is not None:
+        series.setdefault(key, []).append((record["step"], value))
   if "exact/kl_pi_bon" not in series:
     raise ValueError(f"{workdir}/metrics.jsonl has no exact/* metrics: was it run with config.exact.every > 0?")
   return algorithm, series
@@ -58,6 +58,16 @@ def read_run(workdir: str) -> tuple[algorithms.Algorithm, dict[str, list[tuple[i
 
 def _xy(points):
   return [s for s, _ in points], [v for _, v in points]
+
+
+def _save(fig, out: str, name: str) -> str:
+  """Writes `fig` as `out/name` (a PNG; `out` local or in a bucket), closes it, and returns the path."""
+  path = paths.as_path(out) / name
+  fig.tight_layout()
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=120)
+  plt.close(fig)
+  return str(path)
 
 
 def plot_one_shot(runs: list[tuple[algorithms.Algorithm, dict]], out: str) -> list[str]:
@@ -74,10 +84,7 @@ def plot_one_shot(runs: list[tuple[algorithms.Algorithm, dict]], out: str) -> li
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("nats")
   axes[0].legend()
-  paths = [os.path.join(out, "exact_kl_to_bon.png")]
-  fig.tight_layout()
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
+  written = [_save(fig, out, "exact_kl_to_bon.png")]
 
   fig, ax = plt.subplots(figsize=(6.5, 4))
   for algorithm, series in runs:
@@ -88,11 +95,7 @@ def plot_one_shot(runs: list[tuple[algorithms.Algorithm, dict]], out: str) -> li
   ax.set(xlabel="step", ylabel="nats", title="policy's KL to the reference vs Best-of-N's")
   ax.grid(alpha=0.3)
   ax.legend()
-  paths.append(os.path.join(out, "exact_kl_to_ref.png"))
-  fig.tight_layout()
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
-  return paths
+  return written + [_save(fig, out, "exact_kl_to_ref.png")]
 
 
 def plot_iterative(algorithm: algorithms.Algorithm, series: dict, out: str) -> str:
@@ -118,22 +121,18 @@ def plot_iterative(algorithm: algorithms.Algorithm, series: dict, out: str) -> s
   for ax, corner in zip(axes, ("upper right", "lower right")):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc=corner)
-  path = os.path.join(out, "exact_iterative.png")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, out, "exact_iterative.png")
 
 
 def main(argv):
   del argv
-  os.makedirs(_OUT.value, exist_ok=True)
-  paths = []
+  paths.as_path(_OUT.value).mkdir(parents=True, exist_ok=True)
+  written = []
   if _RUNS.value:
-    paths += plot_one_shot([read_run(w) for w in _RUNS.value], _OUT.value)
+    written += plot_one_shot([read_run(w) for w in _RUNS.value], _OUT.value)
   if _ITERATIVE.value:
-    paths.append(plot_iterative(*read_run(_ITERATIVE.value), _OUT.value))
-  print("\n".join(paths))
+    written.append(plot_iterative(*read_run(_ITERATIVE.value), _OUT.value))
+  print("\n".join(written))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from bond_jax import sampling  # pylint: disable=g-import-not-at-top
+from bond_jax import paths  # pylint: disable=g-import-not-at-top
+from bond_jax import sampling
 from bond_jax.data import prompt_batches
 from bond_jax.data import prompt_encoding
 from bond_jax.data import prompt_sources
@@ -51,13 +52,12 @@ LABELS = {"jbond_tie_aware": "J-BOND, tie-aware reward", "jbond_paper": "J-BOND,
 def read_eval_curve(workdir: str) -> list[tuple[int, float, float]]:
   """`[(step, KL(π || π_ref), pass rate)]` from a run's eval records, led by the reference at step 0."""
   curve = []
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      record = json.loads(line)
-      if "eval/reward/policy" in record:
-        if not curve:
-          curve.append((0, 0.0, record["eval/reward/reference"]))
-        curve.append((record["step"], record["eval/kl/policy_ref"], record["eval/reward/policy"]))
+  for line in (paths.as_path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    if "eval/reward/policy" in record:
+      if not curve:
+        curve.append((0, 0.0, record["eval/reward/reference"]))
+      curve.append((record["step"], record["eval/kl/policy_ref"], record["eval/reward/policy"]))
   if not curve:
     raise ValueError(f"{workdir}/metrics.jsonl has no eval records (eval/reward/policy).")
   return curve
@@ -109,10 +109,10 @@ def best_of_n_points(pass_rates: np.ndarray, ns: list[int]) -> list[tuple[int, f
 
 def main(argv):
   del argv
-  run_dir = lambda method, seed: os.path.join(_WORKDIR.value, method, f"seed{seed}")
+  workdir = paths.as_path(_WORKDIR.value)  # Local or in a bucket.
+  run_dir = lambda method, seed: workdir / method / f"seed{seed}"
   curves = {m: mean_curve([read_eval_curve(run_dir(m, s)) for s in _SEEDS.value]) for m in _METHODS.value}
-  with open(os.path.join(run_dir(_METHODS.value[0], _SEEDS.value[0]), "config.json"), encoding="utf-8") as f:
-    config = json.load(f)
+  config = json.loads((run_dir(_METHODS.value[0], _SEEDS.value[0]) / "config.json").read_text())
   bon = best_of_n_points(reference_pass_rates(config, _BON_SAMPLES.value), [int(n) for n in _BON_NS.value])
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -129,15 +129,15 @@ def main(argv):
   ax.grid(alpha=0.3)
   ax.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
-  png = os.path.join(_WORKDIR.value, "verifiable.png")
-  fig.savefig(png, dpi=120)
+  png = workdir / "verifiable.png"
+  with png.open("wb") as f:
+    fig.savefig(f, format="png", dpi=120)
 
   summary = {"seeds": _SEEDS.value,
              "runs": {m: [{"step": s, "kl_to_ref": k, "pass_rate": r, "pass_rate_se": e} for s, k, r, e in c]
                       for m, c in curves.items()},
              "best_of_n": [{"n": n, "kl_to_ref": k, "pass_rate": r} for n, k, r in bon]}
-  with open(os.path.join(_WORKDIR.value, "verifiable.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
+  paths.write_whole(workdir / "verifiable.json", json.dumps(summary, indent=2))
   print(f"{'':<18} {'KL(.||ref)':>10} {'pass rate':>10} {'± s.e.':>7}")
   for method, curve in curves.items():
     print(f"{method:<18} {curve[-1][1]:>10.3f} {curve[-1][2]:>10.3f} {curve[-1][3]:>7.3f}")

@@ -3,7 +3,8 @@ r"""Runs a BOND / J-BOND / REINFORCE experiment from a config file.
   python experiments/run.py --config=configs/default.py --workdir=/tmp/bond_default \
       [--config.num_steps=100 --config.bond.beta=0.5 ...]
 
-Running again with the same workdir resumes from its last checkpoint.
+Running again with the same workdir resumes from its last checkpoint. The workdir may be a bucket
+(`--workdir=gs://bucket/run`, with `pip install -e ".[gcs]"`); a path that cannot be written stops the run first.
 """
 
 import logging as std_logging
@@ -18,7 +19,8 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report: a local path or "
+                                "a bucket URI (gs://bucket/run).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,7 +47,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
   import jax  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
-  from bond_jax import checkpointing, memory_estimate, rewards, run_config, trainer
+  from bond_jax import checkpointing, memory_estimate, paths, rewards, run_config, trainer
   from bond_jax.data import prompt_batches  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
@@ -58,7 +60,7 @@ def main(argv):
   try:
     trainer.train(config, _WORKDIR.value)
   except (run_config.ConfigError, checkpointing.CheckpointMismatchError, trainer.NonFiniteLossError,
-          rewards.RewardError, memory_estimate.MemoryBudgetError, prompt_batches.PromptError,
+          rewards.RewardError, memory_estimate.MemoryBudgetError, prompt_batches.PromptError, paths.PathError,
           FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 

@@ -6,6 +6,10 @@ survived with nothing lost, and writes them as JSON to the file `$BOND_FAULT_REP
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -35,6 +39,48 @@ def full_run(tiny_policy_dir, prompt_data_dir, tmp_path_factory):
   config = tiny_run.tiny_config(tiny_policy_dir, prompt_data_dir, **tiny_run.FULL_RUN)
   workdir = str(tmp_path_factory.mktemp("full_run"))
   return config, workdir, *tiny_run.train_counting_compiles(config, workdir)
+
+
+GCS_BUCKET = "bond-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket(tmp_path_factory) -> str:
+  """`gs://bond-test`, a bucket of a real GCS emulator (`gcp-storage-emulator`, in memory, with the header
+  `gcs_emulator.py` adds) on a free 127.0.0.1 port, with the clients of this process and of the processes it starts
+  pointed at it; stopped at the end of the session."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  log = tmp_path_factory.mktemp("gcs_emulator") / "emulator.log"
+  with open(log, "w", encoding="utf-8") as out:
+    emulator = subprocess.Popen(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator.py"), "start", "--host=127.0.0.1",
+         f"--port={port}", "--in-memory", f"--default-bucket={GCS_BUCKET}"], stdout=out, stderr=subprocess.STDOUT)
+  deadline = time.monotonic() + 60
+  while True:
+    with socket.socket() as s:
+      if s.connect_ex(("127.0.0.1", port)) == 0:
+        break
+    assert emulator.poll() is None and time.monotonic() < deadline, log.read_text()
+    time.sleep(0.1)
+  url = f"http://127.0.0.1:{port}"
+  # gcsfs (and google-cloud-storage), TensorStore (orbax's arrays); gcsfs's experimental bucket-type probe would
+  # wait a minute on a gRPC endpoint the emulator lacks.
+  variables = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  saved = {name: os.environ.get(name) for name in variables}
+  os.environ.update(variables)
+  try:
+    yield f"gs://{GCS_BUCKET}"
+  finally:
+    for name, value in saved.items():
+      if value is None:
+        os.environ.pop(name)
+      else:
+        os.environ[name] = value
+    emulator.terminate()
+    emulator.wait(timeout=30)
 
 
 class FaultTally:

@@ -1,6 +1,8 @@
-"""Two processes on 127.0.0.1 (4 CPU devices each, gloo collectives) train in lock step with one 8-device process."""
+"""Two processes on 127.0.0.1 (4 CPU devices each, gloo collectives) train in lock step with one 8-device process,
+each having read only its half of the policy checkpoint."""
 
 import os
+import re
 import socket
 import subprocess
 import time
@@ -58,6 +60,11 @@ def test_two_processes_match_one_process(tiny_policy_dir, tmp_path, request):
   for i, (p, output) in enumerate(zip(processes, outputs)):
     assert p.returncode == 0, f"process {i}:\n{output[-4000:]}"
   assert "sampler" in outputs[0] and "sampler" not in outputs[1]  # Only process 0 prints the report.
+  # Each process read the checkpoint's header and its devices' bands of rows of each tensor: about half the bytes.
+  reads = [re.findall(r"Read (\d+) of the (\d+) bytes of \S+ on process (\d)", output) for output in outputs]
+  assert [[int(i) for *_, i in read] for read in reads] == [[0], [1]], reads
+  (read_0, total, _), (read_1, _, _) = [[int(n) for n in read[0]] for read in reads]
+  assert max(read_0, read_1) < 0.55 * total and read_0 + read_1 >= total, reads
 
   expected, actual = tiny_run.train_records(reference), tiny_run.train_records(workdir)
   assert sorted(actual) == list(range(1, config.num_steps + 1))

@@ -174,7 +174,7 @@ def test_prompt_file_source_and_bad_source(tmp_path):
   path.write_text("\n".join(_prompts(100)) + "\n")
   train, held_out = prompt_sources.load_prompt_splits("prompt_file", path=str(path), eval_fraction=0.3)
   assert (train, held_out) == prompt_files.split_holdout(_prompts(100), 0.3)
-  with pytest.raises(ValueError, match="source='hub' must be one of"):
+  with pytest.raises(ValueError, match="source='hub' is not a source of prompt files or datasets"):
     prompt_sources.load_prompt_splits("hub")
 
 

@@ -3,7 +3,6 @@
 
 import json
 
-import chat_tokenizers
 import numpy as np
 import pytest
 import tokenizers
@@ -18,6 +17,7 @@ from bond_jax.data import prompt_files
 from bond_jax.data import prompt_tfds
 from bond_jax.models import hf
 from bond_jax.tasks import default_assets
+from bond_jax.tasks import instruct_example
 
 
 def _rows(batch):
@@ -67,7 +67,7 @@ def chat_policy_config(tmp_path_factory):
   chat template, rendering prompts with it."""
   config = run_config.base_config()
   config.policy.source = "init"
-  config.policy.tokenizer_path = chat_tokenizers.shipped_tokenizer(str(tmp_path_factory.mktemp("chat")))
+  config.policy.tokenizer_path = instruct_example.shipped_tokenizer(str(tmp_path_factory.mktemp("chat")))
   config.policy.model.vocab_size = len(default_assets.load_tokenizer())
   config.data.chat_template = True
   return config
@@ -111,7 +111,7 @@ def test_pad_token_override_for_a_tokenizer_without_one(tmp_path):
   pad = "<|finetune_right_pad_id|>"
   config = run_config.base_config()
   config.policy.source = "init"
-  config.policy.tokenizer_path = chat_tokenizers.shipped_tokenizer(str(tmp_path), chat_template=None, drop_pad=True,
+  config.policy.tokenizer_path = instruct_example.shipped_tokenizer(str(tmp_path), chat_template=None, drop_pad=True,
                                                                    extra_tokens=(pad,))
   config.policy.model.vocab_size = len(default_assets.load_tokenizer()) + 1
   _, _, tokenizer = run_components.load_policy(config)

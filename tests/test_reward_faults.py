@@ -78,20 +78,17 @@ def test_a_nan_or_inf_reward_stops_the_run_naming_the_prompt_and_the_run_resumes
       "step 1: the reward function returned a non-finite value (NaN or inf) for 2 prompt(s) of the batch, the "
       f"first at batch index 3 (prompt {batch['text'][3]!r}). The step was skipped")
 
-  # Step 1 was skipped, so its checkpoint holds the reference itself; step 2 (dispatched before step 1's
-  # metrics were read) trained normally and was saved as the last good state.
+  # A step's metrics are read before it is checkpointed (here every step), so the run stopped at step 1, which was
+  # skipped: its checkpoint, the only one, holds the reference itself.
   checkpoints = tiny_run.restore_every_checkpoint(workdir, config)
-  assert sorted(checkpoints) == [1, 2]
+  assert sorted(checkpoints) == [1]
   reference, _, _ = run_components.load_policy(config)
   jax.tree.map(np.testing.assert_array_equal, checkpoints[1][0].params, jax.device_get(reference))
-  step_2 = checkpoints[2][0]
-  assert int(step_2.step) == 2
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(step_2.params))
-  assert not np.array_equal(step_2.params["embedder"]["embedding"], reference["embedder"]["embedding"])
+  assert int(checkpoints[1][0].step) == 1
 
-  poisoned_prompts.clear()  # The reward is fixed: the run resumes from step 2 and finishes.
+  poisoned_prompts.clear()  # The reward is fixed: the run resumes from step 1 and finishes.
   trainer.train(config, workdir)
-  assert sorted(tiny_run.train_records(workdir)) == [3]
+  assert sorted(tiny_run.train_records(workdir)) == [2, 3]
   assert int(tiny_run.restore_train_state(workdir, config)[0].step) == config.num_steps
   fault_tally.record("reward: NaN and inf in training", injected=0, survived=1)
 

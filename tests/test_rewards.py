@@ -186,15 +186,15 @@ def cross_tokenizer_dirs(tmp_path_factory):
   """{"rm": a reward model on the character tokenizer (no tokenizer in its directory), "chat"/"plain": that
   tokenizer with and without a chat template, "policy_chat": the shipped tokenizer with a template}."""
   pytest.importorskip("torch")
-  import chat_tokenizers
+  from bond_jax.tasks import instruct_example
   import hf_reference
 
   root = tmp_path_factory.mktemp("cross_tokenizer")
-  dirs = {"chat": chat_tokenizers.character_tokenizer(str(root / "chat")),
-          "plain": chat_tokenizers.character_tokenizer(str(root / "plain"), chat_template=None),
-          "policy_chat": chat_tokenizers.shipped_tokenizer(str(root / "policy_chat")),
+  dirs = {"chat": instruct_example.character_tokenizer(str(root / "chat")),
+          "plain": instruct_example.character_tokenizer(str(root / "plain"), chat_template=None),
+          "policy_chat": instruct_example.shipped_tokenizer(str(root / "policy_chat")),
           "rm": str(root / "rm")}
-  vocab = len(chat_tokenizers.CHARACTER_SPECIALS) + 95
+  vocab = len(instruct_example.CHARACTER_SPECIALS) + 95
   model = hf_reference.hf_model("llama", "score", vocab_size=vocab, max_position_embeddings=128)
   model.save_pretrained(dirs["rm"])
   return dirs, model
@@ -262,13 +262,13 @@ def test_reward_model_with_its_own_tokenizer_scores_the_conversation_the_policy_
 
 
 def test_reward_model_with_the_policys_tokenizer_reads_its_ids_on_the_device(cross_tokenizer_dirs, tmp_path):
-  import chat_tokenizers
+  from bond_jax.tasks import instruct_example
   from bond_jax import run_components
   from bond_jax.data import prompt_encoding
   from bond_jax.tasks import default_assets
 
   dirs, _ = cross_tokenizer_dirs
-  same = chat_tokenizers.shipped_tokenizer(str(tmp_path), chat_template=None)
+  same = instruct_example.shipped_tokenizer(str(tmp_path), chat_template=None)
   policy = prompt_encoding.PromptTokenizer(default_assets.load_tokenizer())
   batch = _policy_batch(policy, ["The room"])
   jaxpr = str(jax.make_jaxpr(run_components.load_reward(_reward_config(dirs["rm"], same), policy))(*batch))
@@ -286,14 +286,29 @@ def test_reward_model_tokenizer_faults_are_named(cross_tokenizer_dirs):
 
   dirs, _ = cross_tokenizer_dirs
   policy = prompt_encoding.PromptTokenizer(default_assets.load_tokenizer())
-  with pytest.raises(run_config.ConfigError, match=r"config.reward.path = '.*rm' is not allowed: it holds no tokenizer"):
+  with pytest.raises(run_config.ConfigError,
+                     match=r"config.reward.path = '.*rm' is not allowed: it holds no tokenizer"):
     run_components.load_reward(_reward_config(dirs["rm"]), policy)
   chat_policy = prompt_encoding.PromptTokenizer(hf.load_tokenizer(dirs["policy_chat"]), chat_template=True)
   with pytest.raises(run_config.ConfigError, match="has no chat template to render the conversations"):
     run_components.load_reward(_reward_config(dirs["rm"], dirs["plain"]), chat_policy)
   with pytest.raises(run_config.ConfigError, match="config.reward.max_len = 200 is not allowed"):
     run_components.load_reward(_reward_config(dirs["rm"], dirs["plain"], max_len=200), policy)
+
+
+
+def test_reward_model_reads_the_last_max_len_tokens_of_a_longer_conversation(cross_tokenizer_dirs):
+  import torch
+  from bond_jax import run_components
+  from bond_jax.data import prompt_encoding
+  from bond_jax.models import hf
+  from bond_jax.tasks import default_assets
+
+  dirs, model = cross_tokenizer_dirs
+  policy = prompt_encoding.PromptTokenizer(default_assets.load_tokenizer())
   short = run_components.load_reward(_reward_config(dirs["rm"], dirs["plain"], max_len=8), policy)
-  longest = 1 + len("The movie was" + RESPONSES[0])  # "<s>" and one token per character
-  with pytest.raises(rewards.RewardError, match=rf"take {longest} tokens, more than max_len=8 \(config.reward.max_len"):
-    short(*_policy_batch(policy, ["The movie was"]))
+  got = short(*_policy_batch(policy, ["The movie was"]))
+  ids = [hf.load_tokenizer(dirs["plain"])("The movie was" + r)["input_ids"][-8:] for r in RESPONSES]
+  with torch.no_grad():
+    want = [float(model(input_ids=torch.tensor([i])).logits[0, 0]) for i in ids]
+  np.testing.assert_allclose(got[0], want, atol=1e-4, rtol=0)

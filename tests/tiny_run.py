@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from bond_jax import checkpointing
 from bond_jax import metrics_logging
+from bond_jax import paths
 from bond_jax import run_components
 from bond_jax import run_config
 from bond_jax import sharding
@@ -99,7 +100,7 @@ def abstract_train_state(config):
 
 def restore_train_state(workdir: str, config):
   """The newest readable checkpoint of a run in `workdir`, as host arrays: `(TrainState, data_state)` or None."""
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=100, async_save=False)
+  checkpointer = checkpointing.Checkpointer(paths.as_path(workdir) / "checkpoints", keep=100, async_save=False)
   try:
     return jax.device_get(checkpointer.restore_latest(abstract_train_state(config)))
   finally:
@@ -109,7 +110,7 @@ def restore_train_state(workdir: str, config):
 def restore_every_checkpoint(workdir: str, config) -> dict[int, tuple]:
   """Every checkpoint of a run in `workdir` by step, as host arrays, changing nothing on disk (raises if one is
   unreadable)."""
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=100, read_only=True)
+  checkpointer = checkpointing.Checkpointer(paths.as_path(workdir) / "checkpoints", keep=100, read_only=True)
   abstract = abstract_train_state(config)
   try:
     return {step: jax.device_get(checkpointer.restore(step, abstract)) for step in checkpointer.steps()}
@@ -132,20 +133,19 @@ def command_line_flags(config) -> list[str]:
 
 
 def train_records(workdir: str) -> dict[int, dict]:
-  """The training metric records of `workdir/metrics.jsonl` by step, without timings (which differ per run)."""
+  """The training metric records of `workdir/metrics.jsonl` (local or in a bucket) by step, without timings (which
+  differ per run)."""
   records = {}
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      record = json.loads(line)
-      if "loss/total" in record:
-        assert record["step"] not in records, f"step {record['step']} is logged twice"
-        records[record["step"]] = {k: v for k, v in record.items() if not k.startswith("perf/")}
+  for line in (paths.as_path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    if "loss/total" in record:
+      assert record["step"] not in records, f"step {record['step']} is logged twice"
+      records[record["step"]] = {k: v for k, v in record.items() if not k.startswith("perf/")}
   return records
 
 
 def read_report(workdir: str) -> dict:
-  with open(os.path.join(workdir, "report.json"), encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads((paths.as_path(workdir) / "report.json").read_text())
 
 
 def load_components(config, workdir: str):
@@ -228,9 +228,9 @@ def run_script_args(workdir: str, flags: list[str]) -> list[str]:
 
 def script_env(**variables: str) -> dict[str, str]:
   """This environment with one simulated device and this folder importable (`faulty_rewards:...` functions),
-  plus `variables`."""
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-              PYTHONPATH=os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])), **variables)
+  plus `variables` (which may set XLA_FLAGS too)."""
+  return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+          "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])), **variables}
 
 
 def run_script_error(workdir: str, flags: list[str]) -> str:

@@ -17,8 +17,8 @@ Example:
 from collections.abc import Sequence
 import hashlib
 import json
-import os
 
+from bond_jax import paths
 from bond_jax.data import prompt_encoding
 from bond_jax.data.prompt_encoding import PromptError
 
@@ -27,8 +27,7 @@ MESSAGES_KEY = "messages"  # The JSONL field of a conversation prompt.
 
 
 def _decoded_lines(path: str) -> list[str]:
-  with open(path, "rb") as f:
-    data = f.read()
+  data = paths.as_path(path).read_bytes()
   return [line.rstrip(b"\r").decode("utf-8", "surrogateescape") for line in data.split(b"\n")]
 
 
@@ -88,14 +87,15 @@ def read_jsonl_prompts(path: str, text_key: str = "prompt") -> list[prompt_encod
 
 
 def read_prompt_file(path: str, text_key: str = "prompt") -> list[prompt_encoding.Prompt]:
-  """Prompts of a JSONL file (suffix .jsonl or .ndjson, see `read_jsonl_prompts`) or a text file (one per line).
+  """Prompts of a JSONL file (suffix .jsonl or .ndjson, see `read_jsonl_prompts`) or a text file (one per line),
+  local or on an object store (`bond_jax.paths`).
 
   Example:
     >>> from bond_jax.tasks import default_assets
     >>> read_prompt_file(default_assets.PROMPTS_PATH)[:2]
     ['It is near the old town. The breakfast was', 'I finished it in five days. The story was']
   """
-  if not os.path.isfile(path):
+  if not paths.as_path(path).is_file():
     raise PromptError(f"prompt file path={path!r} does not exist.")
   if path.endswith(JSONL_SUFFIXES):
     return read_jsonl_prompts(path, text_key)

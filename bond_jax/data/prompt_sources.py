@@ -6,6 +6,10 @@
   line), eval held out by hash;
 - "tfds": any TFDS dataset prepared (ArrayRecord) in `data_dir`, e.g. XSum with text_key="document".
 
+Paths may be local or on an object store (`bond_jax.paths`). ArrayRecord files are read by random access from local
+files only, so a remote `data_dir` stands for a local mirror (`paths.local_mirror`): "default" builds there, and
+"tfds" copies the dataset's prepared files there first (once per machine).
+
 Example:
   >>> import tempfile
   >>> train, held_out = load_prompt_splits("default", data_dir=tempfile.mkdtemp())  # doctest: +ELLIPSIS
@@ -15,12 +19,14 @@ Example:
   (1833, 167)
 """
 
+import os
+
+from bond_jax import data
+from bond_jax import paths
 from bond_jax.data import prompt_batches
 from bond_jax.data import prompt_files
 from bond_jax.data import prompt_tfds
 from bond_jax.tasks import default_assets
-
-SOURCES = ("default", "prompt_file", "tfds")
 
 
 def load_prompt_splits(source: str, *, path: str = "", tfds_name: str = "", data_dir: str = "",
@@ -41,6 +47,7 @@ def load_prompt_splits(source: str, *, path: str = "", tfds_name: str = "", data
   if source == "default":
     if not data_dir:
       raise ValueError("source='default' needs a data_dir to build the shipped prompts into.")
+    data_dir = paths.local_mirror(data_dir)
     prompt_tfds.build_prompt_dataset(default_assets.PROMPTS_PATH, data_dir, "prompt", eval_fraction)
     return tuple(prompt_tfds.tfds_text_split(prompt_tfds.BondPrompts.name, data_dir, split, "prompt")
                  for split in ("train", "validation"))
@@ -50,6 +57,20 @@ def load_prompt_splits(source: str, *, path: str = "", tfds_name: str = "", data
     if not tfds_name or not data_dir:
       raise ValueError(f"source='tfds' needs tfds_name and data_dir, got tfds_name={tfds_name!r}, "
                        f"data_dir={data_dir!r}.")
+    data_dir = _local_tfds_dir(data_dir, tfds_name)
     return tuple(prompt_tfds.tfds_text_split(tfds_name, data_dir, split, text_key)
                  for split in (train_split, eval_split))
-  raise ValueError(f"source={source!r} must be one of {SOURCES}.")
+  raise ValueError(f"source={source!r} is not a source of prompt files or datasets among {data.SOURCES}.")
+
+
+def _local_tfds_dir(data_dir: str, tfds_name: str) -> str:
+  """`data_dir` if local; else its local mirror, holding a copy of dataset `tfds_name`'s files (copied if absent)."""
+  local = paths.local_mirror(data_dir)
+  dataset = tfds_name.split(":")[0].split("/")[0]
+  remote, copy = paths.as_path(data_dir) / dataset, paths.as_path(local) / dataset
+  if paths.is_remote(data_dir) and not copy.is_dir() and remote.is_dir():  # Else TFDS reports it missing.
+    # Copied aside and renamed into place: a copy cut short is never taken for the dataset.
+    aside = copy.with_name(f"{dataset}.incomplete{os.getpid()}")
+    paths.copy_files(remote, aside)
+    aside.rename(copy)
+  return local

@@ -24,6 +24,7 @@ import json
 from absl import logging
 import tensorflow_datasets as tfds
 
+from bond_jax import paths
 from bond_jax.data import prompt_batches
 from bond_jax.data import prompt_files
 
@@ -60,9 +61,7 @@ class BondPrompts(tfds.core.GeneratorBasedBuilder):
     """sha256 of the source file's bytes and the build arguments (empty when reading, not generating)."""
     if self._source_path is None:
       return ""
-    digest = hashlib.sha256()
-    with open(self._source_path, "rb") as f:
-      digest.update(f.read())
+    digest = hashlib.sha256(paths.as_path(self._source_path).read_bytes())
     digest.update(json.dumps([self._text_key, self._eval_fraction]).encode())
     return digest.hexdigest()
 

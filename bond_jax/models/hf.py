@@ -1,6 +1,7 @@
 """Hugging Face checkpoints <-> our parameter tree, without PyTorch.
 
-Reads and writes the Hugging Face layout (``config.json``, ``generation_config.json`` and ``*.safetensors``, sharded
+Reads and writes, on a local disk or an object store (any path `bond_jax.paths` speaks, e.g. ``gs://bucket/model``),
+the Hugging Face layout (``config.json``, ``generation_config.json`` and ``*.safetensors``, sharded
 with a ``model.safetensors.index.json`` or not) of the families in ``FAMILIES`` (Llama 1-3 with every rope scaling
 transformers has but LongRoPE, Mistral, Qwen2/2.5, Qwen3, Gemma, Gemma 2, Gemma 3 text, Phi-3, OLMo 2), each with a
 causal-LM head (``*ForCausalLM``) or a sequence-classification head (``*ForSequenceClassification`` -> our head
@@ -16,6 +17,12 @@ become ``[d_model, heads, head_dim]`` and o becomes ``[heads, head_dim, d_model]
 ``gate_up_proj`` are split into our q/k/v and gate/up on load and fused again on save. Our rotary embedding uses the
 HF ``rotate_half`` convention, so q/k need no permutation. Gemma's RMSNorm scale is stored as in HF (``w``, the
 effective scale being ``1 + w``).
+
+Reading: each ``*.safetensors`` file's header is read alone, then only the byte ranges of the tensors needed. Given
+a mesh, every process reads only a contiguous band of rows of each tensor (1 / processes of its bytes), places it
+on its own devices with ``jax.make_array_from_callback``, and one compiled reshuffle per tensor converts it to our
+layout and dtype on the mesh, sharded by ``sharding.param_shardings``: no host holds, and no device receives, a
+whole model. (safetensors' own ``safe_open`` reads local files only.)
 
 Example (a random Qwen3 policy written as a checkpoint and read back)::
 
@@ -33,19 +40,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
 import re
+import struct
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import logging
 import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from bond_jax import paths
 from bond_jax import sharding
 from bond_jax.models.config import ROTARY_KINDS, ModelConfig, Rotary
 
@@ -420,10 +432,24 @@ class _TensorSpec:
     row = math.prod(self.hf_shape[1:])
     return [(math.prod(shape) // row,) + self.hf_shape[1:] for _, shape in self.parts]
 
-  def to_ours(self, x: np.ndarray) -> list[np.ndarray]:
-    rows = np.cumsum([s[0] for s in self._hf_part_shapes()])[:-1]
-    return [(piece.T if self.transpose else piece).reshape(shape)
-            for piece, (_, shape) in zip(np.split(x, rows), self.parts)]
+  @property
+  def row_axis(self) -> int:
+    """The axis of the tensor's rows (its first axis) once in our axis order (`oriented`)."""
+    return len(self.hf_shape) - 1 if self.transpose else 0
+
+  def oriented(self, x):
+    """The tensor in our axis order: transposed if stored ``[out, in]``."""
+    return x.T if self.transpose else x
+
+  def split_oriented(self, y) -> list:
+    """Our parameters from the oriented tensor, split along its rows: numpy arrays from a numpy array, traced
+    arrays from a traced one."""
+    bounds = np.cumsum([0] + [s[0] for s in self._hf_part_shapes()]).tolist()
+    rows = lambda start, stop: (slice(None),) * self.row_axis + (slice(start, stop),)
+    return [y[rows(start, stop)].reshape(shape) for start, stop, (_, shape) in zip(bounds, bounds[1:], self.parts)]
+
+  def to_ours(self, x) -> list:
+    return self.split_oriented(self.oriented(x))
 
   def to_hf(self, values: Sequence[np.ndarray]) -> np.ndarray:
     pieces = [x.reshape(shape[::-1]).T if self.transpose else x.reshape(shape)
@@ -485,32 +511,83 @@ def _tensor_specs(config: ModelConfig) -> dict[str, _TensorSpec]:
   return specs
 
 
-def _weight_files(path: str) -> dict[str, str]:
-  """Tensor name -> safetensors file holding it, for a checkpoint directory.
+# safetensors dtype names -> numpy dtypes (bfloat16 and float8 through ml_dtypes, as JAX has them).
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                       "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+                       "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class SafetensorsFile:
+  """One ``*.safetensors`` file read by byte ranges: its header (names, dtypes, shapes, offsets) first, then only
+  the rows of the tensors asked for. ``bytes_read`` counts every byte read from the file.
+
+  Example:
+    >>> from bond_jax.tasks import default_assets
+    >>> weights = SafetensorsFile(os.path.join(default_assets.ASSETS_DIR, "policy", WEIGHTS_FILE))
+    >>> weights.shape(EMBEDDING), weights.read_rows(EMBEDDING, 2, 4).shape, weights.bytes_read < 2 * 4 * 128 * 4 + 9000
+    ((405, 128), (2, 128), True)
+  """
+
+  def __init__(self, path: paths.PathLike):
+    self.path = path
+    (length,) = struct.unpack("<Q", paths.read_ranges(path, [(0, 8)])[0])
+    header = json.loads(paths.read_ranges(path, [(8, 8 + length)])[0])
+    header.pop("__metadata__", None)
+    self._tensors = header
+    self._data_start = 8 + length
+    self.bytes_read = 8 + length
+
+  def names(self) -> list[str]:
+    return list(self._tensors)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._tensors[name]["shape"])
+
+  def dtype(self, name: str) -> np.dtype:
+    return np.dtype(_SAFETENSORS_DTYPES[self._tensors[name]["dtype"]])
+
+  def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of the first axis of tensor ``name`` (one contiguous byte range)."""
+    shape, dtype = self.shape(name), self.dtype(name)
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    offset = self._data_start + self._tensors[name]["data_offsets"][0]
+    if stop <= start:
+      return np.zeros((0, *shape[1:]), dtype)
+    (data,) = paths.read_ranges(self.path, [(offset + start * row_bytes, offset + stop * row_bytes)])
+    self.bytes_read += len(data)
+    return np.frombuffer(data, dtype).reshape(stop - start, *shape[1:])
+
+  def read(self, name: str) -> np.ndarray:
+    return self.read_rows(name, 0, self.shape(name)[0])
+
+
+def _weight_files(path: paths.Path) -> dict[str, SafetensorsFile]:
+  """Tensor name -> the safetensors file holding it (its header read), for a checkpoint directory.
 
   As ``from_pretrained`` reads them: the files of ``model.safetensors.index.json`` if there is one, else
   ``model.safetensors``; other ``*.safetensors`` files (e.g. Mistral's ``consolidated.safetensors``) are not the
   model's.
   """
-  index_file = os.path.join(path, WEIGHTS_INDEX_FILE)
-  if os.path.exists(index_file):
-    with open(index_file) as f:
-      return {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}
-  file = os.path.join(path, WEIGHTS_FILE)
-  if not os.path.exists(file):
-    raise FileNotFoundError(f"Checkpoint directory {path!r} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}.")
-  with safe_open(file, framework="numpy") as f:
-    return {name: file for name in f.keys()}
+  index_file = path / WEIGHTS_INDEX_FILE
+  if index_file.exists():
+    weight_map = json.loads(index_file.read_text())["weight_map"]
+    files = {file: SafetensorsFile(path / file) for file in sorted(set(weight_map.values()))}
+    return {name: files[file] for name, file in weight_map.items()}
+  file = path / WEIGHTS_FILE
+  if not file.exists():
+    raise FileNotFoundError(f"Checkpoint directory {os.fspath(path)!r} has neither {WEIGHTS_FILE} nor "
+                            f"{WEIGHTS_INDEX_FILE}.")
+  weights = SafetensorsFile(file)
+  return {name: weights for name in weights.names()}
 
 
-def _read(source: tuple[str, str]) -> np.ndarray:
+def _read(source: tuple[SafetensorsFile, str]) -> np.ndarray:
   file, name = source
-  with safe_open(file, framework="numpy") as f:
-    return f.get_tensor(name)
+  return file.read(name)
 
 
-def _resolve_tied_head(config: ModelConfig, files: Mapping[str, str]
-                       ) -> tuple[ModelConfig, dict[str, tuple[str, str]]]:
+def _resolve_tied_head(config: ModelConfig, files: Mapping[str, SafetensorsFile]
+                       ) -> tuple[ModelConfig, dict[str, tuple[SafetensorsFile, str]]]:
   """The config and, for each tensor name to load, its ``(file, stored name)``.
 
   A tied config whose checkpoint also stores ``lm_head.weight`` is resolved as transformers (5.x) resolves it: the
@@ -556,7 +633,7 @@ def _get_path(tree: Mapping, path: tuple[str, ...]) -> Any:
   return tree
 
 
-def read_config(path: str | os.PathLike, dtype: str = "float32") -> ModelConfig:
+def read_config(path: paths.PathLike, dtype: str = "float32") -> ModelConfig:
   """The ModelConfig of a checkpoint directory: ``config.json``, with the stop ids of ``generation_config.json``
   when the directory has one (as ``generate`` reads them).
 
@@ -565,27 +642,24 @@ def read_config(path: str | os.PathLike, dtype: str = "float32") -> ModelConfig:
     >>> read_config(os.path.join(default_assets.ASSETS_DIR, "policy")).stop_token_ids
     (2,)
   """
-  path = os.fspath(path)
-  with open(os.path.join(path, CONFIG_FILE)) as f:
-    hf = json.load(f)
-  generation_file = os.path.join(path, GENERATION_CONFIG_FILE)
-  generation_config = None
-  if os.path.exists(generation_file):
-    with open(generation_file) as f:
-      generation_config = json.load(f)
+  path = paths.as_path(path)
+  hf = json.loads((path / CONFIG_FILE).read_text())
+  generation_file = path / GENERATION_CONFIG_FILE
+  generation_config = json.loads(generation_file.read_text()) if generation_file.exists() else None
   return config_from_hf(hf, dtype=dtype, generation_config=generation_config)
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None
+def load_checkpoint(path: paths.PathLike, dtype: str = "float32", mesh: Mesh | None = None
                     ) -> tuple[Params, ModelConfig]:
-  """Loads a local Hugging Face checkpoint directory into our parameter tree.
+  """Loads a Hugging Face checkpoint directory (local, or on an object store) into our parameter tree.
 
   Args:
     path: directory with ``config.json`` (and, optionally, ``generation_config.json``) and ``model.safetensors``
       (or a sharded index with its shards).
     dtype: dtype of the returned parameters and of the config's compute (``"float32"`` or ``"bfloat16"``).
-    mesh: if given, each parameter is placed straight onto ``mesh`` with ``sharding.param_shardings``, so the
-      full model never has to fit on one device.
+    mesh: if given, each parameter is read straight onto ``mesh``, sharded by ``sharding.param_shardings``, each
+      process reading only a band of rows of each tensor (see the module docstring); every process must call it.
+      Without, the parameters are read whole onto the default device.
 
   Returns:
     ``(params, config)``: params a nested dict of arrays in our layout, config a ModelConfig (``read_config``,
@@ -593,35 +667,92 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "float32", mesh: jax.s
     ValueError (naming the tensor) for unknown architectures and missing, unexpected or mis-shaped tensors.
 
   Example:
+    >>> from bond_jax import sharding
     >>> from bond_jax.tasks import default_assets
     >>> params, config = load_checkpoint(os.path.join(default_assets.ASSETS_DIR, "policy"))
     >>> config.family, config.tie_embeddings, params["embedder"]["embedding"].shape
     ('llama', True, (405, 128))
+    >>> sharded, _ = load_checkpoint(os.path.join(default_assets.ASSETS_DIR, "policy"), "bfloat16",
+    ...                              mesh=sharding.make_mesh((1, 2, 4)))
+    >>> kernel = sharded["layer_0"]["mlp"]["gate"]["kernel"]
+    >>> kernel.dtype, kernel.sharding.spec, bool((kernel == params["layer_0"]["mlp"]["gate"]["kernel"].astype(
+    ...     jnp.bfloat16)).all())
+    (dtype(bfloat16), P('fsdp', 'tensor'), True)
   """
-  path = os.fspath(path)
+  path = paths.as_path(path)
   config = read_config(path, dtype=dtype)
   config, sources = _resolve_tied_head(config, _weight_files(path))
   specs = _tensor_specs(config)
   _check_names(set(specs), set(sources))
-
-  params: Params = {}
-  for file in sorted(set(sources[name][0] for name in specs)):
-    with safe_open(file, framework="numpy") as f:
-      for name in (n for n in specs if sources[n][0] == file):
-        spec = specs[name]
-        tensor = f.get_tensor(sources[name][1])
-        if tuple(tensor.shape) != spec.hf_shape:
-          raise ValueError(f"Tensor {name!r} has shape {tuple(tensor.shape)}; the config implies {spec.hf_shape}.")
-        for (part_path, _), value in zip(spec.parts, spec.to_ours(tensor)):
-          _set_path(params, part_path, value.astype(jax.numpy.dtype(dtype)))
+  for name, spec in specs.items():
+    file, stored = sources[name]
+    if file.shape(stored) != spec.hf_shape:
+      raise ValueError(f"Tensor {name!r} has shape {file.shape(stored)}; the config implies {spec.hf_shape}.")
   if mesh is None:
-    return jax.tree.map(jax.numpy.asarray, params), config
-  return jax.device_put(params, sharding.param_shardings(params, mesh)), config
+    params: Params = {}
+    for name, spec in specs.items():
+      for (part_path, _), value in zip(spec.parts, spec.to_ours(_read(sources[name]))):
+        _set_path(params, part_path, jax.numpy.asarray(value.astype(jax.numpy.dtype(dtype))))
+  else:
+    params = _read_onto_mesh(specs, sources, jax.numpy.dtype(dtype), mesh)
+  files = {id(file): file for file, _ in sources.values()}.values()
+  logging.info("Read %d of the %d bytes of %s on process %d.", sum(f.bytes_read for f in files),
+               sum(paths.as_path(f.path).stat().length for f in files), path, jax.process_index())
+  return params, config
 
 
-def save_checkpoint(params: Params, config: ModelConfig, path: str | os.PathLike) -> None:
+def _read_onto_mesh(specs: Mapping[str, _TensorSpec], sources: Mapping[str, tuple[SafetensorsFile, str]],
+                    dtype: np.dtype, mesh: Mesh) -> Params:
+  """Each tensor read as bands of rows, one per device of ``mesh`` (each process reading its devices' bands) and
+  turned to our axis order on the host, then split, reshaped, cast to ``dtype`` and resharded as the rules say on
+  the mesh. XLA reshards without gathering the tensor when the bands fall on whole heads and the devices divide
+  its rows; otherwise (more devices than heads, padded rows) it gathers that tensor on each device within its own
+  conversion ("Involuntary full rematerialization" in the log): one tensor, never the model."""
+  abstract = {}
+  for spec in specs.values():
+    for part_path, shape in spec.parts:
+      _set_path(abstract, part_path, jax.ShapeDtypeStruct(shape, dtype))
+  targets = sharding.param_shardings(abstract, mesh)
+  # The bands follow the devices ordered by process, so each process's bands are one contiguous range of rows.
+  devices = sorted(mesh.devices.flat, key=lambda d: (d.process_index, d.id))
+  band_mesh = Mesh(np.array(devices), ("rows",))
+  params: Params = {}
+  for name, spec in specs.items():
+    file, stored = sources[name]
+    rows = spec.hf_shape[0]
+    padded = -(-rows // len(devices)) * len(devices)  # Rows past the tensor's are zeros, dropped on the mesh.
+    shape = list(spec.oriented(np.empty(spec.hf_shape, np.bool_)).shape)
+    shape[spec.row_axis] = padded
+
+    def read_band(index, file=file, stored=stored, rows=rows, spec=spec):
+      start, stop = index[spec.row_axis].indices(padded)[:2]
+      band = file.read_rows(stored, min(start, rows), min(stop, rows))
+      band = np.concatenate([band, np.zeros((stop - start - len(band), *band.shape[1:]), band.dtype)])
+      return np.ascontiguousarray(spec.oriented(band))
+
+    tensor = jax.make_array_from_callback(
+        tuple(shape), NamedSharding(band_mesh, P(*[None] * spec.row_axis, "rows")), read_band)
+    shardings = tuple(_get_path(targets, part_path) for part_path, _ in spec.parts)
+    for (part_path, _), value in zip(spec.parts, _to_ours_on_mesh(spec, dtype, shardings, padded)(tensor)):
+      _set_path(params, part_path, value)
+  return params
+
+
+@functools.lru_cache(maxsize=None)
+def _to_ours_on_mesh(spec: _TensorSpec, dtype: np.dtype, shardings: tuple[NamedSharding, ...], padded: int):
+  """The compiled conversion of an oriented tensor with ``padded`` rows to our parameters in ``dtype``, placed at
+  ``shardings`` (one per part); tensors of the same spec share it."""
+  def convert(y):
+    if padded > spec.hf_shape[0]:
+      y = y[(slice(None),) * spec.row_axis + (slice(0, spec.hf_shape[0]),)]
+    return tuple(part.astype(dtype) for part in spec.split_oriented(y))
+
+  return jax.jit(convert, out_shardings=shardings)
+
+
+def save_checkpoint(params: Params, config: ModelConfig, path: paths.PathLike) -> None:
   """Writes ``params`` as a Hugging Face checkpoint (``config.json``, ``generation_config.json`` with the stop ids,
-  ``model.safetensors``).
+  ``model.safetensors``) to a directory, local or on an object store (each file written whole).
 
   ``transformers.AutoModelForCausalLM.from_pretrained(path)`` (or ``...ForSequenceClassification`` for head
   ``"score"``) loads the result, and its ``generate`` stops where our sampler does. Parameters are written in their
@@ -633,13 +764,11 @@ def save_checkpoint(params: Params, config: ModelConfig, path: str | os.PathLike
     >>> cfg = config_lib.tiny(family="phi3")
     >>> path = tempfile.mkdtemp()
     >>> save_checkpoint(transformer.init_params(cfg, jax.random.key(0)), cfg, path)
-    >>> with safe_open(os.path.join(path, WEIGHTS_FILE), "np") as f:
-    ...   f.get_slice("model.layers.0.self_attn.qkv_proj.weight").get_shape()   # q, k, v fused: (4 + 2 * 2) * 8
-    [64, 32]
+    >>> SafetensorsFile(os.path.join(path, WEIGHTS_FILE)).shape("model.layers.0.self_attn.qkv_proj.weight")
+    (64, 32)
   """
   import transformers  # pylint: disable=g-import-not-at-top  (config classes only: no PyTorch is needed)
 
-  path = os.fspath(path)
   hf_config = _transformers_config(config_to_hf(config))
   specs = _tensor_specs(config)
   tensors = {}
@@ -652,14 +781,22 @@ def save_checkpoint(params: Params, config: ModelConfig, path: str | os.PathLike
       values.append(value)
     # safetensors needs C-contiguous arrays; the transposes are views.
     tensors[name] = np.ascontiguousarray(spec.to_hf(values))
-  os.makedirs(path, exist_ok=True)
-  save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
-  hf_config.save_pretrained(path)
-  transformers.GenerationConfig(**generation_config_to_hf(config)).save_pretrained(path)
+  # transformers and safetensors write local files: written here, then copied whole to `path`.
+  with tempfile.TemporaryDirectory(prefix="bond_jax_checkpoint_") as local:
+    save_file(tensors, os.path.join(local, WEIGHTS_FILE), metadata={"format": "pt"})
+    hf_config.save_pretrained(local)
+    transformers.GenerationConfig(**generation_config_to_hf(config)).save_pretrained(local)
+    paths.copy_files(local, path)
 
 
-def load_tokenizer(path: str | os.PathLike):
-  """Loads the tokenizer saved in a local checkpoint directory (never downloads).
+# What a tokenizer directory may hold besides the tokenizer: never copied to read the tokenizer.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".ckpt")
+
+
+def load_tokenizer(path: paths.PathLike):
+  """Loads the tokenizer saved in a checkpoint directory, local or on an object store (never downloads from a hub):
+  transformers reads local files only, so a remote directory's files but its weights are copied to a temporary
+  local directory first.
 
   Example:
     >>> from bond_jax.tasks import default_assets
@@ -668,7 +805,7 @@ def load_tokenizer(path: str | os.PathLike):
   """
   import transformers  # pylint: disable=g-import-not-at-top  (loading weights does not need it)
 
-  path = os.fspath(path)
-  if not os.path.isdir(path):
-    raise ValueError(f"load_tokenizer: path={path!r} is not a local directory.")
-  return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  if not paths.as_path(path).is_dir():
+    raise ValueError(f"load_tokenizer: path={os.fspath(path)!r} is not a directory.")
+  with paths.local_copy(path, skip=_WEIGHT_SUFFIXES) as local:
+    return transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
