@@ -39,6 +39,7 @@ def get_config():
   config.data.source = "prompt_file"
   config.data.path = ""  # JSONL with a "prompt" field, or text with one prompt per line.
   config.data.prompt_len = 256
+  config.data.chat_template = True  # gemma-2b-it is an instruct model: prompts rendered with its chat template.
 
   config.sampling.max_new_tokens = 256
   config.memory.remat = "block"  # Fits: the update keeps each layer's input only (the layer runs again backward).
