@@ -15,7 +15,8 @@ config (`configs/gemma_2b_jbond.py` for Gemma, `configs/llama3_8b_jbond.py` for 
   layer by layer, the update's forward and backward in float32 twice) and the gradient reduce-scattered once,
   per micro-batch where the pass is split;
 - collective bytes of one iteration of the decoding loops (per generated token), train and evaluation;
-- compile seconds of each step (this CPU, shared: indicative).
+- compile seconds of each step (wall time on this CPU, shared: indicative; on a loaded machine it measures the
+  queue as much as the compiler).
 
   nice -n 19 python benchmarks/memory_at_scale.py                 # the three models on their config's mesh
   nice -n 19 python benchmarks/memory_at_scale.py --models gemma_2b --meshes 1,8,1 8,1,1 2,2,2
