@@ -35,8 +35,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bond_jax import micro_batching
 from bond_jax import quantiles
 from bond_jax import sampling
+from bond_jax import sharding
 from bond_jax.models.config import ModelConfig
 from bond_jax.rewards import RewardFn
 
@@ -135,25 +137,29 @@ def make_eval_step(config: ml_collections.ConfigDict, model_config: ModelConfig,
   ref_sampling = sampling.make_sampling_config(config.sampling, model_config, k)
   bon_ns: Sequence[int] = tuple(config.eval.bon_ns)
 
+  parts = config.memory.inference_micro_batches  # Each pass over the prompts runs in this many parts.
+
   def eval_step(params, ref_params, batch: Batch, rng: jax.Array) -> EvalOutput:
     policy_rng, ref_rng = jax.random.split(rng)
     prompts, prompt_mask = batch["prompts"], batch["prompt_mask"]
-    policy_out = sampling.sample(params, prompts, prompt_mask, policy_rng, policy_sampling, model_config)
-    ref_out = sampling.sample(ref_params, prompts, prompt_mask, ref_rng, ref_sampling, model_config)
-    policy_rewards = reward_fn(prompts, prompt_mask, policy_out.tokens, policy_out.mask)
-    ref_rewards = reward_fn(prompts, prompt_mask, ref_out.tokens, ref_out.mask)
+    policy_out = sampling.sample(params, prompts, prompt_mask, policy_rng, policy_sampling, model_config, parts)
+    # The reference's decoding weights are gathered once the policy's samples exist: one model's at a time.
+    ref_out = sampling.sample(sharding.params_after(ref_params, policy_out), prompts, prompt_mask, ref_rng,
+                              ref_sampling, model_config, parts)
+    policy_rewards, ref_rewards = (micro_batching.map_rows(reward_fn, parts, prompts, prompt_mask, out.tokens, out.mask)
+                                   for out in (policy_out, ref_out))
     policy_quantiles = mid_quantile(policy_rewards, ref_rewards)
     # Each reference sample against the rest of the pool: 1/2 on average, exactly.
     ref_quantiles = mid_quantile(ref_rewards[:, :1], ref_rewards[:, 1:])
     frontier_kl, frontier_quantile = quantiles.bon_kl_and_quantile(ref_rewards, jnp.asarray(FRONTIER_NS))
+    kl_to_ref = sampling.generation_kl(params, ref_params, model_config, prompts, prompt_mask, policy_out.tokens,
+                                       policy_out.mask, policy_sampling, parts)
     metrics = {
         "reward/policy": jnp.mean(policy_rewards, axis=1),
         "reward/reference": jnp.mean(ref_rewards, axis=1),
         "quantile/policy": jnp.mean(policy_quantiles, axis=1),
         "quantile/reference": jnp.full(ref_rewards.shape[:1], 0.5),
-        "kl/policy_ref": jnp.mean(sampling.generation_kl(params, ref_params, model_config, prompts, prompt_mask,
-                                                         policy_out.tokens, policy_out.mask, policy_sampling),
-                                  axis=1),
+        "kl/policy_ref": jnp.mean(kl_to_ref, axis=1),
         "frontier/kl": frontier_kl,
         "frontier/quantile": frontier_quantile,
     }

@@ -3,14 +3,21 @@ what the device has.
 
 The parts held between steps (reference, policy, anchor, optimizer state, reward-model weights) are exact: the
 bytes of each leaf's shard under the shardings the trainer gives it. The step's temporaries are modelled from the
-same shapes: the gradient, the new policy, anchor and optimizer state (computed beside the old ones until the
-step's non-finite check picks one), the weights all-gathered over `fsdp`, the sampler's KV cache and the passes'
-activations (assumptions in `activation_bytes`). The total adds them all, although the sampler's cache is dead by
-the time the update runs: it is meant to over-count, so that a run refused here would not have fitted.
+same shapes: the gradient (and, with micro-batches, its accumulator), the new policy, anchor and optimizer state
+(computed beside the old ones until the step's non-finite check picks one), the decoding weights (the policy in
+the compute dtype, its layers stacked and all-gathered over `fsdp`), the sampler's KV cache and the passes'
+activations (assumptions in `activation_bytes`: the remat policy, the micro-batches and the logits' chunks of
+`config.memory`). The total adds them all, although the sampler's cache is dead by the time the update runs: it is
+meant to over-count, so that a run refused here would not have fitted.
 
 Example:
-  >>> estimate = estimate_train_memory(config, model_config, ref_params, optimizer, mesh, reward_fn)
-  >>> check_fits(estimate, device_memory_limit(config))   # MemoryBudgetError if it cannot fit
+  >>> from bond_jax import run_config, sharding, train_state
+  >>> from bond_jax.models import config as model_config_lib, transformer
+  >>> config, model_config = run_config.base_config(), model_config_lib.tiny()
+  >>> ref_params = jax.eval_shape(lambda: transformer.init_params(model_config, jax.random.key(0)))
+  >>> estimate = estimate_train_memory(config, model_config, ref_params,
+  ...                                  train_state.make_optimizer(config.optimizer), sharding.make_mesh((1, 8, 1)))
+  >>> check_fits(estimate, MemoryLimit(2 ** 30, "1 GiB"))   # MemoryBudgetError if it cannot fit
 """
 
 from __future__ import annotations
@@ -31,8 +38,10 @@ import optax
 from bond_jax import algorithms
 from bond_jax import fine_tuning
 from bond_jax import lora
+from bond_jax import sampling
 from bond_jax import sharding
 from bond_jax import train_state as train_state_lib
+from bond_jax.models import transformer
 from bond_jax.models.config import ModelConfig
 from bond_jax.rewards import RewardFn
 
@@ -56,9 +65,12 @@ class MemoryEstimate:
     reward_params: a reward model's parameters (0 for programmatic rewards).
     gradients: the policy's gradient, one of the policy's shapes.
     optimizer_update: the step's new policy, anchor (when it moves) and optimizer state, beside the old ones.
-    fsdp_gathered_params: the policy's weights all-gathered over `fsdp` for its passes (0 without fsdp).
-    kv_cache: the largest sampler KV cache (training or evaluation).
-    activations: the largest forward (and backward) pass: the update, or a forward-only pass of evaluation.
+    decoding_params: the weights a decoding loop reads (`transformer.decoding_params`), of two models: the policy
+      in the compute dtype, its layers stacked and all-gathered over `fsdp` (still split over `tensor`); and the
+      reward model's layers stacked for its pass.
+    kv_cache: the largest sampler KV cache (training or evaluation), of one inference micro-batch.
+    activations: the largest forward (and backward) pass: the update (of one micro-batch, under the remat policy),
+      or a forward-only pass of evaluation (of one inference micro-batch).
     merged_params: LoRA: the step's merged kernels of the policy and the anchor (in the compute dtype) and the
       gradient of the policy's (float32), each the size of the adapted kernels; 0 for a full fine-tune.
   """
@@ -70,7 +82,7 @@ class MemoryEstimate:
   reward_params: int
   gradients: int
   optimizer_update: int
-  fsdp_gathered_params: int
+  decoding_params: int
   kv_cache: int
   activations: int
   merged_params: int = 0
@@ -108,7 +120,10 @@ def per_device_bytes(tree: Any, shardings: Any) -> int:
     shardings: a matching pytree of `jax.sharding.Sharding`s.
 
   Example:
-    >>> per_device_bytes(params, sharding.param_shardings(params, mesh))
+    >>> mesh = sharding.make_mesh((1, 8, 1))
+    >>> shardings = {"w": NamedSharding(mesh, P("fsdp")), "b": NamedSharding(mesh, P())}
+    >>> per_device_bytes({"w": jnp.zeros((8, 4)), "b": jnp.zeros(4)}, shardings)   # 1/8 of w's 128 B, all of b's 16
+    32
   """
   sizes = jax.tree.map(lambda x, s: math.prod(s.shard_shape(tuple(x.shape))) * jnp.dtype(x.dtype).itemsize,
                        tree, shardings)
@@ -119,26 +134,18 @@ def _data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[axis] for axis in sharding.BATCH_AXES if axis in mesh.shape)
 
 
-def _without_axis(spec: P, axis: str) -> P:
-  """`spec` with mesh axis `axis` removed from every dimension (that dimension then gathered over it)."""
-  def keep(entry):
-    names = tuple(name for name in ((entry,) if isinstance(entry, str) else tuple(entry or ())) if name != axis)
-    return names[0] if len(names) == 1 else (names or None)
-  return P(*(keep(entry) for entry in spec))
-
-
 def fsdp_gathered_bytes(params: Any, mesh: Mesh) -> int:
-  """Bytes per device of `params` all-gathered over the `fsdp` axis (still split over `tensor`); 0 without fsdp.
-
-  ZeRO-3 sharding gathers each weight where a pass uses it; XLA may keep all of them for the backward pass.
+  """Bytes per device of `params` all-gathered over the `fsdp` axis (still split over `tensor`).
 
   Example:
-    >>> fsdp_gathered_bytes(params, make_mesh((1, 4, 2)))   # 4 x the fsdp-sharded share of the big weights
+    >>> from bond_jax.models import config as model_config_lib
+    >>> params = transformer.init_params(model_config_lib.tiny(), jax.random.key(0))
+    >>> whole = sum(x.nbytes for x in jax.tree.leaves(params))
+    >>> fsdp_gathered_bytes(params, sharding.make_mesh((1, 8, 1))) == whole   # gathered whole over fsdp
+    True
   """
-  if mesh.shape.get("fsdp", 1) == 1:
-    return 0
   specs = sharding.param_partition_specs(params, mesh=mesh)
-  gathered = jax.tree.map(lambda spec: NamedSharding(mesh, _without_axis(spec, "fsdp")), specs,
+  gathered = jax.tree.map(lambda spec: NamedSharding(mesh, sharding.without_axis(spec, "fsdp")), specs,
                           is_leaf=lambda x: isinstance(x, P))
   return per_device_bytes(params, gathered)
 
@@ -148,26 +155,30 @@ def _split(size: int, ways: int) -> int:
   return size // ways if size % ways == 0 else size
 
 
-def kv_cache_bytes(model_config: ModelConfig, rows: int, slots: int) -> int:
+def kv_cache_bytes(model_config: ModelConfig, rows: int, slots: int, tensor: int = 1) -> int:
   """Bytes of `init_cache(model_config, rows, slots)` after `sampling.sample` repeats it for every sample.
 
-  Keys and values of every layer, `[rows, slots, num_kv_heads, head_dim]` each in the compute dtype, and the
-  `[rows, slots]` bool mask. Unsplit over `tensor`: the cache has no declared sharding of its own.
+  Keys and values of every layer, `[rows, slots, num_kv_heads, head_dim]` each in the compute dtype, the heads
+  split over `tensor` where it divides them (`sharding.ACTIVATION_RULES`), and the `[rows, slots]` bool mask.
 
   Args:
     model_config: the policy's config.
     rows: prompts per device x samples per prompt.
     slots: prompt_len + max_new_tokens - 1.
+    tensor: size of the mesh's `tensor` axis.
 
   Example:
-    >>> kv_cache_bytes(model_config, rows=4 * 16, slots=16 + 24 - 1)
+    >>> from bond_jax.models.config import tiny
+    >>> kv_cache_bytes(tiny(), rows=4, slots=10)   # 2 layers x (keys, values) x 2 heads x 8 dims x 4 B + 1 mask B
+    10280
   """
-  per_slot = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim
+  kv_heads = _split(model_config.num_kv_heads, tensor)
+  per_slot = 2 * model_config.num_layers * kv_heads * model_config.head_dim
   return rows * slots * (per_slot * model_config.compute_dtype.itemsize + 1)
 
 
 def activation_bytes(model_config: ModelConfig, rows: int, seq_len: int, head_len: int, tensor: int,
-                     backward: bool) -> int:
+                     backward: bool, remat: str = "none", models: int = 1) -> int:
   """Upper-bound bytes of one pass of the policy over `rows` sequences of `seq_len` tokens, per device.
 
   It bounds `sampling.generation_log_probs` however that lays the tokens out: a sequence per sample, or each
@@ -179,37 +190,54 @@ def activation_bytes(model_config: ModelConfig, rows: int, seq_len: int, head_le
   head_dim c); gate, up, activation and their product (4 mlp_dim c); attention scores and probabilities
   `[heads, seq_len]` in float32 (2 heads seq_len 4). The head adds the final norm (d c) and four float32 copies
   of the logits (the logits, their exponent for the log-softmax, their cotangent and a re-laid-out copy, as
-  XLA keeps them) at `head_len` positions. Heads, MLP and vocabulary are divided by the `tensor` axis where it
-  divides them, as `sharding.DEFAULT_PARAM_RULES` shard their weights.
+  XLA keeps them) of one chunk of positions (`sampling.LOGITS_CHUNK_BYTES`), per model scored (`models`: 2 for
+  the KL of evaluation). Heads, MLP and vocabulary are divided by the `tensor` axis where it divides them, as
+  `sharding.ACTIVATION_RULES` shard them.
 
-  With `backward`, every layer's activations stay live for the backward pass, and one more layer's worth holds
-  the cotangents being computed; without it (a forward under `stop_gradient` or evaluation), one layer's are
-  live at a time and three logit copies.
+  With `backward`, what `remat` (`config.REMAT_POLICIES`) keeps of every layer stays live for the backward pass
+  ("none": all of the above; "block": the layer's input, `d c`; "matmuls": the outputs of its weight matmuls,
+  `((heads + 2 kv_heads) head_dim + 2 d + 2 mlp_dim) c`), and one more layer's worth holds the cotangents being
+  computed (two with remat: and the layer being recomputed); without it (a forward under `stop_gradient` or evaluation), one
+  layer's are live at a time and three logit copies.
 
   Args:
     model_config: the policy's config.
-    rows: sequences on this device (prompts per device x samples per prompt).
+    rows: sequences on this device (prompts per device x samples per prompt, of one micro-batch).
     seq_len: prompt_len + max_new_tokens.
     head_len: positions that go through the vocabulary head (at most max_new_tokens + 1).
     tensor: size of the mesh's `tensor` axis.
     backward: whether the pass is differentiated.
+    remat: the remat policy of a differentiated pass.
+    models: models whose logits a chunk holds at once.
 
   Example:
-    >>> activation_bytes(model_config, rows=32, seq_len=40, head_len=25, tensor=1, backward=True)
+    >>> from bond_jax.models.config import tiny
+    >>> kept = lambda remat: activation_bytes(tiny(), rows=4, seq_len=8, head_len=5, tensor=1, backward=True,
+    ...                                       remat=remat)
+    >>> kept("none") > kept("matmuls") > kept("block")
+    True
   """
   c = model_config.compute_dtype.itemsize
   d = model_config.d_model
   heads, kv_heads = _split(model_config.num_heads, tensor), _split(model_config.num_kv_heads, tensor)
+  mlp = _split(model_config.mlp_dim, tensor)
   per_token = (4 * d * c + 2 * d * _FLOAT32_BYTES
                + (2 * heads + 3 * kv_heads) * model_config.head_dim * _FLOAT32_BYTES
                + heads * model_config.head_dim * c
-               + 4 * _split(model_config.mlp_dim, tensor) * c
+               + 4 * mlp * c
                + 2 * heads * seq_len * _FLOAT32_BYTES)
   layer = rows * seq_len * per_token
+  kept_per_token = {"none": per_token, "block": d * c,
+                    "matmuls": ((heads + 2 * kv_heads) * model_config.head_dim + 2 * d + 2 * mlp) * c}[remat]
+  vocab = _split(model_config.vocab_size, tensor)
+  # Positions per chunk, as `sampling._position_chunk` picks them (rows already this device's).
+  chunk = max(1, min(head_len, sampling.LOGITS_CHUNK_BYTES // max(models * rows * vocab * _FLOAT32_BYTES, 1)))
   logit_copies = 4 if backward else 3
-  head = rows * head_len * (d * c + logit_copies * _split(model_config.vocab_size, tensor) * _FLOAT32_BYTES)
-  layers_live = model_config.num_layers + 1 if backward else 1
-  return layers_live * layer + head
+  head = rows * (head_len * d * c + models * chunk * logit_copies * vocab * _FLOAT32_BYTES)
+  if backward:
+    working = 1 if remat == "none" else 2  # the cotangents being computed, and the layer being recomputed
+    return model_config.num_layers * rows * seq_len * kept_per_token + working * layer + head
+  return layer + head
 
 
 def estimate_train_memory(config: ml_collections.ConfigDict, model_config: ModelConfig, ref_params: Any,
@@ -221,10 +249,13 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   `sharding.param_shardings`, as `trainer.sharded_train_state` does. Prompts per device are `batch_size / (data x
   fsdp)`. The KV cache is the largest of the sampler's: policy and anchor samples of a train step
   (`algorithm.sample_counts()`), and evaluation's `eval.num_policy_samples` policy samples and
-  `eval.num_ref_samples` reference samples. The activations are the largest of: the update's forward and backward
-  over the policy samples and the Best-of-n anchor samples, and the forward-only passes of the log-probs
-  (training's over the policy samples, evaluation's over its policy samples). Not counted: a reward model's own
-  activations, and the exact evaluation of `config.exact`.
+  `eval.num_ref_samples` reference samples, of one inference micro-batch (`config.memory.inference_micro_batches`).
+  The activations are the largest of: the update's forward and backward over the policy samples and the Best-of-n
+  anchor samples of one micro-batch (`config.memory.micro_batches`) under `config.memory.remat`, and the
+  forward-only passes of the log-probs (training's over the policy samples, evaluation's KL over its policy samples
+  under two models). The reference of a full fine-tune is held in the compute dtype (`config.policy.dtype`), as the trainer holds
+  it; under LoRA the frozen base is as `fine_tuning.setup` made it.
+  Not counted: a reward model's own activations, and the exact evaluation of `config.exact`.
 
   Args:
     config: a validated run config.
@@ -240,8 +271,15 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
     A `MemoryEstimate` in bytes per device.
 
   Example:
-    >>> estimate = estimate_train_memory(config, model_config, ref_params, optimizer, mesh, reward_fn)
-    >>> print(estimate)   # 0.0123 GiB per device (reference parameters 0.00103, ...)
+    >>> from bond_jax import run_config, sharding, train_state
+    >>> from bond_jax.models import config as model_config_lib, transformer
+    >>> config, model_config = run_config.base_config(), model_config_lib.tiny()
+    >>> ref_params = jax.eval_shape(lambda: transformer.init_params(model_config, jax.random.key(0)))
+    >>> estimate = estimate_train_memory(config, model_config, ref_params,
+    ...                                  train_state.make_optimizer(config.optimizer), sharding.make_mesh((2, 4, 1)))
+    >>> whole = sum(x.size * 4 for x in jax.tree.leaves(ref_params))
+    >>> round(estimate.policy_params / whole, 3)   # a quarter over fsdp = 4, but for the replicated norm scales
+    0.255
   """
   init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
   state = jax.eval_shape(init, ref_params if initial is None else initial)
@@ -250,8 +288,14 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   state_bytes = lambda field: per_device_bytes(getattr(state, field), getattr(state_shardings, field))  # noqa: E731
   algorithm = algorithms.from_config(config)
   reward_bytes = 0 if reward_fn is None else per_device_bytes(reward_fn, sharding.param_shardings(reward_fn, mesh))
+  in_compute_dtype = lambda params: jax.eval_shape(  # noqa: E731
+      lambda p: transformer.cast_weights(p, config.policy.dtype), params)
+  frozen = in_compute_dtype(ref_params) if initial is None else ref_params
+  decoding = in_compute_dtype(policy)
 
   prompts_per_device = config.batch_size // _data_parallel_size(mesh)
+  update_prompts = prompts_per_device // config.memory.micro_batches
+  inference_prompts = prompts_per_device // config.memory.inference_micro_batches
   prompt_len, new_tokens = config.data.prompt_len, config.sampling.max_new_tokens
   num_policy, num_anchor = algorithm.sample_counts()
   num_best = algorithm.num_best_of_n()
@@ -260,20 +304,24 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   tensor = mesh.shape.get("tensor", 1)
   passes = functools.partial(activation_bytes, model_config, seq_len=prompt_len + new_tokens,
                              head_len=new_tokens + 1, tensor=tensor)
+  gradients = state_bytes("params") * (2 if config.memory.micro_batches > 1 else 1)  # the sum and one part's
   return MemoryEstimate(
-      reference_params=per_device_bytes(ref_params, sharding.param_shardings(ref_params, mesh)),
+      reference_params=per_device_bytes(frozen, sharding.param_shardings(frozen, mesh)),
       policy_params=state_bytes("params"),
       anchor_params=state_bytes("anchor_params"),
       optimizer_state=state_bytes("opt_state"),
       reward_params=reward_bytes,
-      gradients=state_bytes("params"),
+      gradients=gradients,
       optimizer_update=(state_bytes("params") + state_bytes("opt_state")
                         + (state_bytes("anchor_params") if algorithm.anchor_moves else 0)),
-      fsdp_gathered_params=fsdp_gathered_bytes(policy, mesh),
-      kv_cache=kv_cache_bytes(model_config, prompts_per_device * most_samples, prompt_len + new_tokens - 1),
+      # Two models' decoding weights: a step samples from two (policy and anchor; evaluation: policy and reference),
+      # and the first's may stay live while the second's are gathered.
+      decoding_params=2 * fsdp_gathered_bytes(decoding, mesh) + reward_bytes,
+      kv_cache=kv_cache_bytes(model_config, inference_prompts * most_samples, prompt_len + new_tokens - 1, tensor),
       activations=max(
-          passes(rows=prompts_per_device * (num_policy + num_best), backward=True),
-          passes(rows=prompts_per_device * max(num_policy, num_eval_policy), backward=False)),
+          passes(rows=update_prompts * (num_policy + num_best), backward=True, remat=config.memory.remat),
+          passes(rows=inference_prompts * num_policy, backward=False),
+          passes(rows=inference_prompts * num_eval_policy, backward=False, models=2)),
       merged_params=0 if initial is None else _merged_bytes(policy, state.params, mesh),
   )
 
@@ -287,6 +335,61 @@ def _merged_bytes(policy: Any, adapter: Any, mesh: Mesh) -> int:
   in_float32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), kernels)
   shardings = sharding.param_shardings(kernels, mesh)
   return 2 * per_device_bytes(kernels, shardings) + per_device_bytes(in_float32, shardings)
+
+
+class StepInputs(NamedTuple):
+  """A run's step arguments as `jax.ShapeDtypeStruct`s on the mesh (nothing allocated), as the trainer places them
+  (`trainer.sharded_train_state`: the frozen reference in the compute dtype), with their shardings."""
+
+  state: Any
+  ref_params: Any
+  reward_fn: Any
+  state_shardings: Any
+  param_shardings: Any
+
+
+def abstract_step_inputs(config: ml_collections.ConfigDict, ref_params: Any, optimizer: optax.GradientTransformation,
+                         mesh: Mesh, reward_fn: RewardFn | None = None) -> StepInputs:
+  """The train state, the reference and the reward's weights of a run, abstract and sharded on `mesh`: what
+  `trainer.compile_steps` compiles for, from shapes alone (`ref_params` and the reward's leaves may be
+  `jax.ShapeDtypeStruct`s).
+
+  Example:
+    >>> from bond_jax import run_config, sharding, train_state
+    >>> from bond_jax.models import config as model_config_lib, transformer
+    >>> config, model_config = run_config.base_config(), model_config_lib.tiny()
+    >>> config.policy.dtype = "bfloat16"
+    >>> ref_params = jax.eval_shape(lambda: transformer.init_params(model_config, jax.random.key(0)))
+    >>> inputs = abstract_step_inputs(config, ref_params, train_state.make_optimizer(config.optimizer),
+    ...                               sharding.make_mesh((1, 8, 1)))
+    >>> kernel = inputs.ref_params["layer_0"]["mlp"]["up"]["kernel"]
+    >>> kernel.dtype, kernel.sharding.spec   # the frozen reference in the compute dtype, sharded over fsdp
+    (dtype(bfloat16), P('fsdp', 'tensor'))
+  """
+  init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
+  state = jax.eval_shape(init, ref_params)
+  frozen = jax.eval_shape(lambda p: transformer.cast_weights(p, config.policy.dtype), ref_params)
+  state_shardings = sharding.param_shardings(state, mesh)
+  param_shardings = sharding.param_shardings(frozen, mesh)
+  place = lambda tree, shardings: jax.tree.map(  # noqa: E731
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  if reward_fn is not None:
+    reward_fn = place(reward_fn, sharding.param_shardings(reward_fn, mesh))
+  return StepInputs(place(state, state_shardings), place(frozen, param_shardings), reward_fn, state_shardings,
+                    param_shardings)
+
+
+def planned_bytes(compiled) -> int:
+  """XLA's plan for one device of a compiled program (`jit(...).lower(...).compile()`): its temporaries, arguments
+  and outputs, less the outputs written over donated arguments.
+
+  Example:
+    >>> planned_bytes(jax.jit(lambda x: x + 1).lower(jnp.ones(4)).compile())
+    32
+  """
+  analysis = compiled.memory_analysis()
+  return (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+          - analysis.alias_size_in_bytes)
 
 
 def _host_available_bytes() -> int:
@@ -309,7 +412,11 @@ def device_memory_limit(config: ml_collections.ConfigDict) -> MemoryLimit:
   available memory divided by `jax.local_device_count()`.
 
   Example:
-    >>> device_memory_limit(config)   # MemoryLimit(bytes_per_device=..., source="the device's own limit ...")
+    >>> from bond_jax import run_config
+    >>> config = run_config.base_config()
+    >>> config.memory_limit_gib = 80.0
+    >>> device_memory_limit(config)
+    MemoryLimit(bytes_per_device=85899345920, source='config.memory_limit_gib = 80.0')
   """
   if config.memory_limit_gib > 0:
     return MemoryLimit(int(config.memory_limit_gib * GIB), f"config.memory_limit_gib = {config.memory_limit_gib}")
@@ -326,7 +433,11 @@ def check_fits(estimate: MemoryEstimate, limit: MemoryLimit) -> None:
   """Raises `MemoryBudgetError` when `estimate.total` exceeds `limit`, naming the parts and what to change.
 
   Example:
-    >>> check_fits(estimate_train_memory(...), device_memory_limit(config))
+    >>> parts = dict.fromkeys([field.name for field in dataclasses.fields(MemoryEstimate)], 0)
+    >>> check_fits(MemoryEstimate(**parts | {"activations": 2 * GIB}), MemoryLimit(GIB, "1 GiB"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    bond_jax.memory_estimate.MemoryBudgetError: the run needs an estimated 2 GiB per device ...
   """
   if estimate.total <= limit.bytes_per_device:
     return

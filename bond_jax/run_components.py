@@ -55,7 +55,7 @@ def load_policy(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | Non
   """
   policy = config.policy
   if policy.source == "init":
-    model_config = ModelConfig(**policy.model.to_dict(), dtype=policy.dtype)
+    model_config = ModelConfig(**policy.model.to_dict(), dtype=policy.dtype, remat=config.memory.remat)
     init = functools.partial(transformer.init_params, model_config)
     key = jax.random.PRNGKey(config.seed)
     shardings = None if mesh is None else sharding.param_shardings(jax.eval_shape(init, key), mesh)
@@ -70,7 +70,7 @@ def load_policy(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | Non
         + (" (run `python experiments/pretrain.py` to make the shipped one)" if policy.source == "default" else ""))
   # Parameters stay float32 (the optimizer's updates are far below bfloat16's resolution); `dtype` is the compute's.
   params, model_config = hf.load_checkpoint(path, mesh=mesh)
-  model_config = dataclasses.replace(model_config, dtype=policy.dtype)
+  model_config = dataclasses.replace(model_config, dtype=policy.dtype, remat=config.memory.remat)
   if model_config.head != "lm":
     raise run_config.ConfigError(
         f"config.policy.path = {path!r} is not allowed: it holds a {model_config.head!r}-head model; a policy needs "
@@ -147,7 +147,8 @@ def load_reward(config: ml_collections.ConfigDict, tokenizer, mesh: jax.sharding
 
 def _load_reward_model(config: ml_collections.ConfigDict, policy: prompt_encoding.PromptTokenizer,
                        mesh: jax.sharding.Mesh | None) -> rewards.RewardFn:
-  params, model_config = hf.load_checkpoint(config.reward.path, mesh=mesh)
+  # Frozen: read straight onto the mesh in its compute dtype, which its weights are held in.
+  params, model_config = hf.load_checkpoint(config.reward.path, config.reward.dtype, mesh)
   reward_tokenizer = load_reward_tokenizer(config)
   policy_template = policy.tokenizer.chat_template if policy.chat_template else None
   reward_template = getattr(reward_tokenizer, "chat_template", None)

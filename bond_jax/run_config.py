@@ -22,6 +22,7 @@ from bond_jax import data
 from bond_jax import lora
 from bond_jax import sharding
 from bond_jax.data import prompt_batches
+from bond_jax.models.config import REMAT_POLICIES
 
 REWARD_KINDS = ("default", "reward_model", "python", "python_tokens")
 USER_REWARD_KINDS = ("python", "python_tokens")  # The user's own code: checked on real prompts before compiling.
@@ -58,7 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.policy.source = "default"  # "default" (shipped tiny LM) | "hf_checkpoint" (local HF dir) | "init" (random).
   c.policy.path = ""  # Hugging Face checkpoint directory (local or gs://...), for source "hf_checkpoint".
   c.policy.tokenizer_path = ""  # Tokenizer directory; empty: the policy's directory (or the shipped one).
-  c.policy.dtype = "float32"  # Compute dtype: "float32" | "bfloat16". Parameters stay float32.
+  c.policy.dtype = "float32"  # Compute dtype: "float32" | "bfloat16". The policy, the anchor and the optimizer
+  # state stay float32; the frozen reference is held in the compute dtype (which changes none of its outputs).
   c.policy.pad_token = ""  # A token of the tokenizer to pad prompts with, for tokenizers without a pad token (Llama
   # 3: e.g. "<|finetune_right_pad_id|>" or its EOS token); empty: the tokenizer's own pad token.
   # Source "init": a randomly initialised transformer of this shape (seeded by `seed`), without EOS, and (unless
@@ -91,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.reward.kind = "default"  # "default" (shipped sentiment score) | "reward_model" (HF seq-cls dir) | "python" |
   # "python_tokens".
   c.reward.path = ""  # Reward model checkpoint directory (kind "reward_model").
+  c.reward.dtype = "float32"  # The reward model's compute dtype, which its weights are held in: "float32" |
+  # "bfloat16" (half the memory; its scores then round as a bfloat16 model's do).
   c.reward.tokenizer_path = ""  # The reward model's tokenizer directory; empty: `path`. A tokenizer other than the
   # policy's (vocabulary, BOS/EOS, chat template) has prompts and generations re-tokenized for the reward model.
   c.reward.max_len = 0  # Reward-model tokens per re-tokenized prompt + generation; 0: twice prompt_len +
@@ -120,6 +124,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Truncations, refused by the shipped methods (different supports per model make their KL terms infinite).
   c.sampling.top_k = 0  # 0: off.
   c.sampling.top_p = 1.0  # 1.0: off.
+
+  # Memory at scale: what each pass keeps and how much of the batch it runs at once. None changes what a step
+  # computes (up to float rounding); each trades time for memory. `memory_estimate` accounts for all of them.
+  c.memory = ml_collections.ConfigDict()
+  c.memory.remat = "none"  # What the update's backward pass keeps of each layer: "none" (everything), "block" (its
+  # input only: the layer runs again) | "matmuls" (the outputs of its weight matmuls).
+  c.memory.micro_batches = 1  # The update's gradient accumulated over this many parts of the prompts, one at a time
+  # (one optimizer update per step; the loss, its baseline and metrics over the whole batch). It costs one more
+  # forward pass. Must divide the prompts per device, batch_size / (data x fsdp).
+  c.memory.inference_micro_batches = 1  # Parts of the prompts that sampling, rewards, the anchor's and the
+  # reference's log-probabilities and evaluation run one after the other. Must divide the prompts per device.
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 3e-4  # Peak AdamW learning rate (the paper: 3e-6 at Gemma scale).
@@ -205,6 +220,10 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "max_seq_len")},
     "reward.kind": (_allowed(REWARD_KINDS), f"one of {REWARD_KINDS}"),
     "reward.max_len": (_non_negative, "a non-negative integer (0: twice prompt_len + max_new_tokens)"),
+    "reward.dtype": (_allowed(("float32", "bfloat16")), "'float32' or 'bfloat16'"),
+    "memory.remat": (_allowed(REMAT_POLICIES), f"one of {REMAT_POLICIES}"),
+    "memory.micro_batches": (_positive, "a positive integer"),
+    "memory.inference_micro_batches": (_positive, "a positive integer"),
     "data.source": (_allowed(data.SOURCES), f"one of {data.SOURCES}"),
     "data.prompt_len": (_positive, "a positive integer"),
     "data.overlong": (_allowed(prompt_batches.OVERLONG_POLICIES), f"one of {prompt_batches.OVERLONG_POLICIES}"),
@@ -343,3 +362,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if num_devices is not None and config.batch_size % data_parallel:
     _fail("batch_size", config.batch_size,
           f"a multiple of the mesh's data x fsdp size ({data_parallel}) so prompts shard evenly")
+  per_device = config.batch_size // data_parallel
+  for field in ("micro_batches", "inference_micro_batches"):
+    if num_devices is not None and per_device % config.memory[field]:
+      _fail(f"memory.{field}", config.memory[field],
+            f"a divisor of the prompts per device, batch_size / (data x fsdp) = {per_device}, so that every "
+            "micro-batch spans every device")

@@ -28,9 +28,11 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from bond_jax import micro_batching
+from bond_jax import sharding
 from bond_jax.models.config import ModelConfig
-from bond_jax.models.transformer import (Cache, Params, cast_to_compute_dtype, forward, init_cache,
-                                         positions_from_mask)
+from bond_jax.models.transformer import (Cache, Params, decoding_params, forward, head_outputs, head_params,
+                                         init_cache, outer_params_after, positions_from_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +177,7 @@ class _DecodeState(NamedTuple):
 
 
 def _prefill(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array, samples: int,
-             time: int) -> tuple[jax.Array, jax.Array, Cache]:
+             time: int, hidden: bool = False) -> tuple[jax.Array, jax.Array, Cache]:
   """Runs each prompt once into a KV cache, then gives every one of its `samples` rows a copy.
 
   Prompts are moved to left padding (`to_left_padding`), so slot `prompt_len` is the first generated token of
@@ -183,27 +185,31 @@ def _prefill(params: Params, model_config: ModelConfig, prompts: jax.Array, prom
   cache has room for the prompt and `time - 1` more tokens (`sample` never feeds back its last token).
 
   Returns:
-    `(logits, positions, cache)`: `[batch * samples, vocab]` logits of each row's first generated token,
-    `[batch * samples]` int32 rotary position of that token, and the cache with `batch * samples` rows, row
-    `b * samples + s` being sample `s` of prompt `b`.
+    `(outputs, positions, cache)`: `[batch * samples, vocab]` logits of each row's first generated token (with
+    `hidden`, the final norm's `[batch * samples, d_model]` outputs there), `[batch * samples]` int32 rotary
+    position of that token, and the cache with `batch * samples` rows, row `b * samples + s` being sample `s` of
+    prompt `b`.
   """
   prompt_len = prompts.shape[1]
   prompts, prompt_mask = to_left_padding(prompts, prompt_mask.astype(bool))
   cache = init_cache(model_config, prompts.shape[0], prompt_len + time - 1)
-  logits, cache = forward(params, model_config, prompts, positions_from_mask(prompt_mask), prompt_mask, cache,
-                          output_start=prompt_len - 1)
-  repeat = lambda x: jnp.repeat(x, samples, axis=0)  # noqa: E731  (row b -> rows b*samples .. +samples-1)
-  cache = cache._replace(k=jax.tree.map(repeat, cache.k), v=jax.tree.map(repeat, cache.v),
-                         mask=repeat(cache.mask))
-  return repeat(logits[:, 0]), repeat(prompt_mask.sum(axis=-1).astype(jnp.int32)), cache
+  outputs, cache = forward(params, model_config, prompts, positions_from_mask(prompt_mask), prompt_mask, cache,
+                           output_start=prompt_len - 1, hidden=hidden)
+  repeat = lambda x, axis=0: jnp.repeat(x, samples, axis=axis)  # noqa: E731  (row b -> rows b*samples ..)
+  cache = cache._replace(k=repeat(cache.k, 1), v=repeat(cache.v, 1), mask=repeat(cache.mask))
+  return repeat(outputs[:, 0]), repeat(prompt_mask.sum(axis=-1).astype(jnp.int32)), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "model_config"))
+@functools.partial(jax.jit, static_argnames=("config", "model_config", "micro_batches"))
 def sample(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
-           config: SamplingConfig, model_config: ModelConfig) -> SampleOutput:
+           config: SamplingConfig, model_config: ModelConfig, micro_batches: int = 1) -> SampleOutput:
   """Samples `num_samples` continuations of every prompt with a KV cache.
 
-  Every prompt row needs at least one real token (e.g. BOS).
+  Every prompt row needs at least one real token (e.g. BOS). The weights are prepared once for the decoding loop
+  (`transformer.decoding_params`: on a mesh set with `jax.set_mesh`, all-gathered over `fsdp`), and each device
+  decodes its own rows (`sharding.over_batch_shards`), so the loop runs no collective over the batch axes and
+  stops when the device's rows are done. With `micro_batches` > 1 the prompts are sampled in that many parts one
+  after the other (`micro_batching`), each row with the same key, so the same tokens, as in one part.
 
   Args:
     params: the policy's parameters (`init_params` tree, head "lm").
@@ -212,6 +218,7 @@ def sample(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.
     rng: one PRNG key, or per-row keys `[batch]` (see the module docstring).
     config: the sampling config (static).
     model_config: the model config (static).
+    micro_batches: static; it must divide `batch` (and, on a mesh, the prompts per device).
 
   Returns:
     `SampleOutput` with `[batch, num_samples, max_new_tokens]` tokens, log-probs and mask.
@@ -233,15 +240,25 @@ def sample(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.
   if config.top_k > model_config.vocab_size:
     raise ValueError(f"SamplingConfig.top_k={config.top_k} exceeds vocab_size={model_config.vocab_size}.")
   batch, prompt_len = prompts.shape
-  samples, time = config.num_samples, config.max_new_tokens
+  time = config.max_new_tokens
   if prompt_len + time > model_config.max_seq_len:
     raise ValueError(f"prompt_len={prompt_len} + max_new_tokens={time} exceeds model_config.max_seq_len="
                      f"{model_config.max_seq_len}.")
-  n = batch * samples
+  # Once, rather than at every decoding step; from a copy that XLA cannot merge with another pass's gather of the
+  # same weights (which would keep these gathered weights alive until that pass).
+  params = decoding_params(sharding.params_after(params, prompts), model_config)
+  sample_rows = lambda params, rows: _sample_rows(params, *rows, config, model_config)  # noqa: E731
+  return micro_batching.map_rows(lambda *rows: sharding.over_batch_shards(sample_rows, params, rows), micro_batches,
+                                 prompts, prompt_mask, _row_keys(rng, batch))
 
-  params = cast_to_compute_dtype(params, model_config)  # once, rather than at every decoding step
+
+def _sample_rows(params: Params, prompts: jax.Array, prompt_mask: jax.Array, row_keys: jax.Array,
+                 config: SamplingConfig, model_config: ModelConfig) -> SampleOutput:
+  """`sample` of `[batch, prompt_len]` prompts with their row keys, given `decoding_params`."""
+  batch = prompts.shape[0]
+  samples, time = config.num_samples, config.max_new_tokens
+  n = batch * samples
   logits, positions, cache = _prefill(params, model_config, prompts, prompt_mask, samples, time)
-  row_keys = _row_keys(rng, batch)
   keys = jax.vmap(lambda key: jax.random.split(key, samples))(row_keys)
   keys = keys.reshape((n,) + keys.shape[2:])
 
@@ -271,14 +288,15 @@ def sample(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.
                             jnp.ones((n, 1), bool), state.cache)
     return state._replace(logits=logits[:, 0], positions=state.positions + 1, cache=cache)
 
+  rows = lambda x: sharding.constrain(x, "batch", *([None] * (x.ndim - 1)))  # noqa: E731
   state = _DecodeState(
       step=jnp.zeros((), jnp.int32),
-      tokens=jnp.full((n, time), config.pad_token_id, jnp.int32),
-      log_probs=jnp.zeros((n, time), jnp.float32),
-      mask=jnp.zeros((n, time), bool),
-      done=jnp.zeros((n,), bool),
-      logits=logits,
-      positions=positions,
+      tokens=rows(jnp.full((n, time), config.pad_token_id, jnp.int32)),
+      log_probs=rows(jnp.zeros((n, time), jnp.float32)),
+      mask=rows(jnp.zeros((n, time), bool)),
+      done=rows(jnp.zeros((n,), bool)),
+      logits=sharding.constrain(logits, "batch", "vocab"),
+      positions=rows(positions),
       cache=cache)
   state = lax.while_loop(lambda s: (s.step < time) & ~jnp.all(s.done), lambda s: choose(advance(s)),
                          choose(state))
@@ -287,7 +305,7 @@ def sample(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.
 
 
 def outputs_after_prompts(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
-                          tokens: jax.Array, mask: jax.Array) -> jax.Array:
+                          tokens: jax.Array, mask: jax.Array, hidden: bool = False) -> jax.Array:
   """The model's outputs after each prompt and at each of its samples' tokens, every prompt run only once.
 
   Each prompt (packed left, as in `sample`) runs into a KV cache that its samples share; then all the samples'
@@ -302,6 +320,8 @@ def outputs_after_prompts(params: Params, model_config: ModelConfig, prompts: ja
     prompt_mask: `[batch, prompt_len]` bool.
     tokens: `[batch, samples, time]` int32, the tokens to feed after each prompt.
     mask: `[batch, samples, time]` bool, True for real tokens (a prefix of each row).
+    hidden: static; the final norm's outputs `[..., d_model]` (compute dtype) in place of the head's
+    (`transformer.head_outputs` turns them into outputs).
 
   Returns:
     `[batch * samples, time + 1, outputs]` float32 (logits or scores): position 0 is the output at the prompt's
@@ -321,26 +341,71 @@ def outputs_after_prompts(params: Params, model_config: ModelConfig, prompts: ja
   if prompt_len + time > model_config.max_seq_len:
     raise ValueError(f"prompt_len={prompt_len} + time={time} exceeds model_config.max_seq_len="
                      f"{model_config.max_seq_len}.")
-  first, positions, cache = _prefill(params, model_config, prompts, prompt_mask, samples, time + 1)
+  # The embedding and head are gathered when this pass runs, after the tokens it reads exist.
+  params = outer_params_after(params, tokens if tokens.size else prompts)
+  first, positions, cache = _prefill(params, model_config, prompts, prompt_mask, samples, time + 1, hidden)
   if time == 0:
     return first[:, None]
   fed_positions = positions[:, None] + jnp.arange(time, dtype=jnp.int32)
   rest, _ = forward(params, model_config, tokens.reshape(batch * samples, time), fed_positions,
-                    mask.reshape(batch * samples, time).astype(bool), cache)
+                    mask.reshape(batch * samples, time).astype(bool), cache, hidden=hidden)
   return jnp.concatenate([first[:, None], rest], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "sampling_config"))
+# The float32 logits one chunk of positions may take per device (`_over_position_chunks`).
+LOGITS_CHUNK_BYTES = 2 ** 28
+
+
+def _position_chunk(rows: int, time: int, vocab: int, models: int = 1) -> int:
+  """Positions per chunk so that `models` models' float32 logits of one chunk take at most `LOGITS_CHUNK_BYTES`
+  per device (rows split over the mesh's batch axes, vocabulary over `tensor`)."""
+  per_position = models * rows * vocab * 4 // (sharding.context_axis_size(sharding.BATCH_AXES)
+                                               * sharding.context_axis_size(("tensor",)))
+  return max(1, min(time, LOGITS_CHUNK_BYTES // max(per_position, 1)))
+
+
+def _over_position_chunks(fn, chunk: int, *arrays: jax.Array) -> jax.Array:
+  """`fn(*arrays)` for `fn` position-wise along axis 1 (`[rows, time, ...]` -> `[rows, time]`), run over chunks of
+  `chunk` positions one after the other, each rematerialised in a backward pass: the vocabulary-sized logits
+  inside `fn` exist for one chunk at a time, never for the whole `[rows, time, vocab]`."""
+  rows, time = arrays[0].shape[:2]
+  if chunk >= time:
+    return fn(*arrays)
+  chunks = -(-time // chunk)
+  parts = [jnp.pad(a, [(0, 0), (0, chunks * chunk - time)] + [(0, 0)] * (a.ndim - 2))
+           .reshape((rows, chunks, chunk) + a.shape[2:]).swapaxes(0, 1) for a in arrays]
+  out = lax.map(jax.checkpoint(lambda xs: fn(*xs), prevent_cse=False), parts)
+  return out.swapaxes(0, 1).reshape(rows, chunks * chunk)[:, :time]
+
+
+def _predicting_hidden(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
+                       tokens: jax.Array, mask: jax.Array) -> jax.Array:
+  """`[batch * samples, time, d_model]` final-norm outputs at the positions predicting each token of `tokens`."""
+  # Every generated token but the last is fed back: the prompt's last token predicts the first, and so on.
+  return outputs_after_prompts(params, model_config, prompts, prompt_mask, tokens[..., :-1], mask[..., :-1],
+                               hidden=True)
+
+
+def _distribution_logits(params: Params, model_config: ModelConfig, hidden: jax.Array,
+                         sampling_config: SamplingConfig | None) -> jax.Array:
+  """The logits of the sampling distribution (the model's own without `sampling_config`) at `hidden`."""
+  logits = head_outputs(params, model_config, hidden)
+  return logits if sampling_config is None else sampling_logits(logits, sampling_config)
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "sampling_config", "micro_batches"))
 def generation_log_probs(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
                          tokens: jax.Array, mask: jax.Array, sampling_config: SamplingConfig | None = None,
-                         ) -> jax.Array:
+                         micro_batches: int = 1) -> jax.Array:
   """Per-token log-probs of generations under `params`, differentiable, under the distribution they were sampled
   from.
 
   With `sampling_config`, the log-probs are those of the sampling distribution `sample` draws from with it (the
   temperature, top-k and top-p applied, `sampling_logits`); without, those of the model itself (temperature 1).
   Each prompt runs once, shared by its samples (`outputs_after_prompts`); the vocab-sized head runs only over the
-  predicting positions.
+  predicting positions, in chunks of positions whose float32 logits take at most `LOGITS_CHUNK_BYTES` per device
+  (rematerialised in a backward pass), so the whole `[rows, time, vocab]` logits never exist at once. With
+  `micro_batches` > 1, the prompts run in that many parts one after the other (`micro_batching`).
 
   Args:
     params: the policy's parameters.
@@ -350,6 +415,7 @@ def generation_log_probs(params: Params, model_config: ModelConfig, prompts: jax
     tokens: `[batch, samples, time]` int32 generations.
     mask: `[batch, samples, time]` bool, True for generated tokens (a prefix of each row).
     sampling_config: the sampler's config (static), or None for the model's own distribution.
+    micro_batches: static; it must divide `batch`.
 
   Returns:
     `[batch, samples, time]` float32 log-probs, 0 where `mask` is False (-inf for a token that the sampling
@@ -370,26 +436,30 @@ def generation_log_probs(params: Params, model_config: ModelConfig, prompts: jax
   chex.assert_equal_shape([prompts, prompt_mask])
   chex.assert_equal_shape([tokens, mask])
   chex.assert_equal_shape_prefix([prompts, tokens], 1)
+  return micro_batching.map_rows(
+      lambda *rows: _generation_log_probs(params, model_config, *rows, sampling_config), micro_batches, prompts,
+      prompt_mask, tokens, mask)
+
+
+def _generation_log_probs(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
+                          tokens: jax.Array, mask: jax.Array, sampling_config: SamplingConfig | None) -> jax.Array:
   batch, samples, time = tokens.shape
-  logits = _predicting_logits(params, model_config, prompts, prompt_mask, tokens, mask, sampling_config)
-  flat_tokens, flat_mask = tokens.reshape(-1, time), mask.reshape(-1, time).astype(bool)
-  token_logits = jnp.take_along_axis(logits, flat_tokens[..., None], axis=-1)[..., 0]
-  log_probs = token_logits - jax.nn.logsumexp(logits, axis=-1)
-  return jnp.where(flat_mask, log_probs, 0.0).reshape(batch, samples, time)
+  hidden = _predicting_hidden(params, model_config, prompts, prompt_mask, tokens, mask)
+  head = head_params(outer_params_after(params, hidden))  # gathered once the layers ran, outside the chunks' loop
+
+  def log_probs_of(hidden, tokens):
+    logits = _distribution_logits(head, model_config, hidden, sampling_config)
+    return jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+
+  chunk = _position_chunk(batch * samples, time, model_config.vocab_size)
+  log_probs = _over_position_chunks(log_probs_of, chunk, hidden, tokens.reshape(-1, time))
+  return jnp.where(mask.reshape(-1, time).astype(bool), log_probs, 0.0).reshape(batch, samples, time)
 
 
-def _predicting_logits(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
-                       tokens: jax.Array, mask: jax.Array, sampling_config: SamplingConfig | None) -> jax.Array:
-  """`[batch * samples, time, vocab]` logits predicting each token of `tokens`, of the sampling distribution."""
-  # Every generated token but the last is fed back: the prompt's last token predicts the first, and so on.
-  logits = outputs_after_prompts(params, model_config, prompts, prompt_mask, tokens[..., :-1], mask[..., :-1])
-  return logits if sampling_config is None else sampling_logits(logits, sampling_config)
-
-
-@functools.partial(jax.jit, static_argnames=("model_config", "sampling_config"))
+@functools.partial(jax.jit, static_argnames=("model_config", "sampling_config", "micro_batches"))
 def generation_kl(params: Params, other_params: Params, model_config: ModelConfig, prompts: jax.Array,
                   prompt_mask: jax.Array, tokens: jax.Array, mask: jax.Array,
-                  sampling_config: SamplingConfig | None = None) -> jax.Array:
+                  sampling_config: SamplingConfig | None = None, micro_batches: int = 1) -> jax.Array:
   """`Σ_t KL(π(·|x, y_<t) || π'(·|x, y_<t))` over each sample's positions: a Rao-Blackwellised estimate of the
   sequence `KL(π || π')` from samples `y ~ π`.
 
@@ -397,7 +467,8 @@ def generation_kl(params: Params, other_params: Params, model_config: ModelConfi
   generations (up to a stop token or the length limit), as for the k1 estimate `log π(y) - log π'(y)`
   (`kl.kl_k1`); but each position contributes the exact KL of its next-token distributions rather than one
   sample of it, so its variance is far smaller (zero for a one-token generation). Both models score under the
-  same sampling distribution (`sampling_config`: its temperature; see `generation_log_probs`).
+  same sampling distribution (`sampling_config`: its temperature; see `generation_log_probs`, whose chunks of
+  positions and micro-batches it shares).
 
   Args:
     params: π's parameters (the distribution the samples were drawn from).
@@ -408,6 +479,7 @@ def generation_kl(params: Params, other_params: Params, model_config: ModelConfi
     tokens: `[batch, samples, time]` int32 samples of π.
     mask: `[batch, samples, time]` bool, True for generated tokens up to and including the stop token.
     sampling_config: the sampler's config (static), or None for the models' own distributions.
+    micro_batches: static; it must divide `batch`.
 
   Returns:
     `[batch, samples]` float32, in nats; +inf where π' gives probability 0 to a token π can draw.
@@ -425,13 +497,27 @@ def generation_kl(params: Params, other_params: Params, model_config: ModelConfi
   """
   chex.assert_rank([prompts, prompt_mask, tokens, mask], [2, 2, 3, 3])
   chex.assert_equal_shape([tokens, mask])
+  return micro_batching.map_rows(
+      lambda *rows: _generation_kl(params, other_params, model_config, *rows, sampling_config), micro_batches,
+      prompts, prompt_mask, tokens, mask)
+
+
+def _generation_kl(params: Params, other_params: Params, model_config: ModelConfig, prompts: jax.Array,
+                   prompt_mask: jax.Array, tokens: jax.Array, mask: jax.Array,
+                   sampling_config: SamplingConfig | None) -> jax.Array:
   batch, samples, time = tokens.shape
-  log_p, log_q = (jax.nn.log_softmax(_predicting_logits(p, model_config, prompts, prompt_mask, tokens, mask,
-                                                        sampling_config), axis=-1)
-                  for p in (params, other_params))
-  probs = jnp.exp(log_p)
-  # Tokens π never draws add nothing, whatever π' gives them (0 * -inf would be NaN).
-  per_position = jnp.sum(jnp.where(probs > 0, probs * (log_p - log_q), 0.0), axis=-1)
+  hidden = [_predicting_hidden(p, model_config, prompts, prompt_mask, tokens, mask) for p in (params, other_params)]
+  heads = [head_params(outer_params_after(p, hidden)) for p in (params, other_params)]
+
+  def kl_of(hidden_p, hidden_q):
+    log_p, log_q = (jax.nn.log_softmax(_distribution_logits(head, model_config, h, sampling_config), axis=-1)
+                    for head, h in zip(heads, (hidden_p, hidden_q)))
+    probs = jnp.exp(log_p)
+    # Tokens π never draws add nothing, whatever π' gives them (0 * -inf would be NaN).
+    return jnp.sum(jnp.where(probs > 0, probs * (log_p - log_q), 0.0), axis=-1)
+
+  chunk = _position_chunk(batch * samples, time, model_config.vocab_size, models=2)
+  per_position = _over_position_chunks(kl_of, chunk, *hidden)
   per_position = jnp.where(mask.reshape(-1, time).astype(bool), per_position, 0.0)
   return jnp.sum(per_position, axis=-1).reshape(batch, samples)
 
@@ -458,7 +544,8 @@ def make_sampling_config(settings, model_config: ModelConfig, num_samples: int) 
 
 
 def sample_log_probs(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
-                     samples: SampleOutput, sampling_config: SamplingConfig | None = None) -> jax.Array:
+                     samples: SampleOutput, sampling_config: SamplingConfig | None = None,
+                     micro_batches: int = 1) -> jax.Array:
   """`log π(y)` of each whole sample `y` under `params`: `generation_log_probs` summed over time.
 
   Args:
@@ -468,6 +555,7 @@ def sample_log_probs(params: Params, model_config: ModelConfig, prompts: jax.Arr
     prompt_mask: `[batch, prompt_len]` bool.
     samples: `SampleOutput` of `[batch, samples, time]` generations.
     sampling_config: the distribution to score them under (see `generation_log_probs`).
+    micro_batches: parts of the prompts run one after the other (see `generation_log_probs`).
 
   Returns:
     `[batch, samples]` float32 sequence log-probabilities, differentiable.
@@ -484,4 +572,4 @@ def sample_log_probs(params: Params, model_config: ModelConfig, prompts: jax.Arr
     True
   """
   return jnp.sum(generation_log_probs(params, model_config, prompts, prompt_mask, samples.tokens, samples.mask,
-                                      sampling_config), axis=-1)
+                                      sampling_config, micro_batches), axis=-1)

@@ -10,13 +10,18 @@ adapters, merged into the base before the phases):
 2. `score`: their rewards;
 3. `estimate`: the quantiles of the policy samples among the anchor's, the Best-of-n anchor samples
    (`algorithm.num_best_of_n()` per prompt), and `log π_anchor`, `log π_ref` of the policy samples;
-4. `loss`: one forward of the policy over its samples and the Best-of-n samples, then `algorithm.loss`;
+4. `loss`: one forward of the policy over its samples and the Best-of-n samples, then `algorithm.loss`, and
+   `gradient`, its gradient: in one pass, or (`config.memory.micro_batches` > 1) accumulated over micro-batches of
+   the prompts (`gradient`);
 5. `update`: the optimizer step;
 6. `move_anchor`: `algorithm.anchor.update` (an EMA, a periodic copy, or nothing);
 7. `keep_if_finite`: a step whose rewards, loss or gradient are not finite leaves the parameters, anchor and
    optimizer state as they were and reports `nonfinite = 1`.
 
-Every log-probability is taken under the sampling distribution (docs/method.md, "Which distributions the
+Sampling, scoring and the log-probabilities of the anchor and the reference run in `config.memory.
+inference_micro_batches` parts of the prompts, one after the other (`micro_batching`); with one part each, the
+step is the unsplit step, and with more it computes the same values (up to float rounding). Every
+log-probability is taken under the sampling distribution (docs/method.md, "Which distributions the
 estimates refer to"). `log π_ref` of the samples enters REINFORCE's loss but only a metric (`kl/policy_ref`) of
 J-BOND and BOND, which compute it on logged steps only (`is_log_step`) and report NaN on the others.
 `reward/nonfinite_prompts` counts the prompts with a non-finite reward and `reward/first_nonfinite_prompt` is the
@@ -37,8 +42,11 @@ from bond_jax import algorithms
 from bond_jax import fine_tuning as fine_tuning_lib
 from bond_jax import kl
 from bond_jax import lora
+from bond_jax import micro_batching
 from bond_jax import quantiles
 from bond_jax import sampling
+from bond_jax import sharding
+from bond_jax.models import transformer
 from bond_jax.models.config import ModelConfig
 from bond_jax.rewards import RewardFn
 from bond_jax.train_state import TrainState
@@ -100,6 +108,11 @@ def _concat_samples(a: sampling.SampleOutput, b: sampling.SampleOutput) -> sampl
   return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=1), a, b)
 
 
+def _scored(samples: Samples, estimates: Estimates) -> sampling.SampleOutput:
+  """What the loss scores under the policy: its own samples, then the Best-of-n anchor samples (if any)."""
+  return samples.policy if estimates.best is None else _concat_samples(samples.policy, estimates.best)
+
+
 def _best_of_groups(samples: sampling.SampleOutput, rewards: jax.Array, n: int,
                     ) -> tuple[sampling.SampleOutput, jax.Array]:
   """The Best-of-n sample of each disjoint group of n samples, and its reward: `[batch, k, ...]` -> `[batch, k // n,
@@ -157,11 +170,15 @@ class TrainStep:
   def _sampling_config(self, num_samples: int) -> sampling.SamplingConfig:
     return sampling.make_sampling_config(self.config.sampling, self.model_config, num_samples)
 
-  def log_probs(self, params, batch: Batch, samples: sampling.SampleOutput) -> jax.Array:
+  @property
+  def _inference_parts(self) -> int:
+    return self.config.memory.inference_micro_batches
+
+  def log_probs(self, params, batch: Batch, samples: sampling.SampleOutput, micro_batches: int = 1) -> jax.Array:
     """`log π(y)` `[batch, samples]` of `samples` under `params`, in the sampling distribution (the temperature
     applied): what every phase scores samples with."""
     return sampling.sample_log_probs(params, self.model_config, batch["prompts"], batch["prompt_mask"], samples,
-                                     self._sampling_config(samples.tokens.shape[1]))
+                                     self._sampling_config(samples.tokens.shape[1]), micro_batches)
 
   def sample(self, state: TrainState, batch: Batch, rng: jax.Array) -> Samples:
     """Phase 1: `sample_counts()` samples per prompt from the policy and from the anchor."""
@@ -169,14 +186,18 @@ class TrainStep:
     policy_rng, anchor_rng = jax.random.split(rng)
     prompts, prompt_mask = batch["prompts"], batch["prompt_mask"]
     draw = lambda params, rng, n: sampling.sample(  # noqa: E731
-        params, prompts, prompt_mask, rng, self._sampling_config(n), self.model_config)
+        params, prompts, prompt_mask, rng, self._sampling_config(n), self.model_config, self._inference_parts)
     policy = draw(state.params, policy_rng, counts.policy)
-    anchor = draw(state.anchor_params, anchor_rng, counts.anchor) if counts.anchor else None
-    return Samples(policy, anchor)
+    if not counts.anchor:
+      return Samples(policy, None)
+    # The anchor's weights are prepared for decoding (gathered) once the policy's samples exist: the two models'
+    # decoding weights are never held at once.
+    return Samples(policy, draw(sharding.params_after(state.anchor_params, policy), anchor_rng, counts.anchor))
 
   def score(self, batch: Batch, samples: Samples) -> Rewards:
     """Phase 2: the reward of every sample."""
-    score = lambda out: self.reward_fn(batch["prompts"], batch["prompt_mask"], out.tokens, out.mask)  # noqa: E731
+    score = lambda out: micro_batching.map_rows(  # noqa: E731
+        self.reward_fn, self._inference_parts, batch["prompts"], batch["prompt_mask"], out.tokens, out.mask)
     return Rewards(score(samples.policy), None if samples.anchor is None else score(samples.anchor))
 
   def estimate(self, state: TrainState, ref_params, batch: Batch, samples: Samples, rewards: Rewards,
@@ -186,7 +207,7 @@ class TrainStep:
     `with_reference` (a traced bool) says whether `log π_ref` is wanted when only a metric needs it.
     """
     algorithm = self.algorithm
-    reference = lambda: self.log_probs(ref_params, batch, samples.policy)  # noqa: E731
+    reference = lambda: self.log_probs(ref_params, batch, samples.policy, self._inference_parts)  # noqa: E731
     if algorithm.reference_in_loss:
       ref_log_probs = reference()
     else:
@@ -198,16 +219,22 @@ class TrainStep:
     p_lt, p_le = quantiles.reward_quantiles(rewards.policy, rewards.anchor)
     return Estimates(
         best=best, best_rewards=best_rewards, p_lt=p_lt, p_le=p_le,
-        anchor_log_probs=self.log_probs(state.anchor_params, batch, samples.policy),
+        # Forward only: the anchor's weights in the compute dtype (exact), gathered layer by layer at that size.
+        anchor_log_probs=self.log_probs(transformer.cast_to_compute_dtype(state.anchor_params, self.model_config),
+                                        batch, samples.policy, self._inference_parts),
         ref_log_probs=ref_log_probs)
 
   def loss(self, params, batch: Batch, samples: Samples, rewards: Rewards, estimates: Estimates,
            ) -> tuple[jax.Array, Metrics]:
     """Phase 4: `algorithm.loss` of `params`, and its metrics with the KL estimates on the policy samples."""
-    num_policy = samples.policy.tokens.shape[1]
     # One forward over the policy samples and the Best-of-n anchor samples together.
-    scored = samples.policy if estimates.best is None else _concat_samples(samples.policy, estimates.best)
-    joint = self.log_probs(params, batch, scored)
+    return self.loss_of_log_probs(self.log_probs(params, batch, _scored(samples, estimates)), samples, rewards,
+                                  estimates)
+
+  def loss_of_log_probs(self, joint: jax.Array, samples: Samples, rewards: Rewards, estimates: Estimates,
+                        ) -> tuple[jax.Array, Metrics]:
+    """`loss` from the policy's log-probs `[batch, policy + best]` of the policy and Best-of-n samples."""
+    num_policy = samples.policy.tokens.shape[1]
     policy_log_probs = joint[:, :num_policy]
     loss, metrics = self.algorithm.loss(algorithms.LossInputs(
         policy_log_probs=policy_log_probs, best_log_probs=joint[:, num_policy:],
@@ -219,6 +246,33 @@ class TrainStep:
     if estimates.anchor_log_probs is not None:
       metrics["kl/policy_anchor"] = jnp.mean(kl.kl_k1(policy_log_probs, estimates.anchor_log_probs))
     return loss, metrics
+
+  def gradient(self, params, batch: Batch, samples: Samples, rewards: Rewards, estimates: Estimates):
+    """Phase 4's `((loss, metrics), gradient)` at `params`.
+
+    With `config.memory.micro_batches` = n > 1, the prompts are split into n micro-batches (`micro_batching`) and
+    the gradient accumulated over them, one at a time, so that one micro-batch's activations are live at once.
+    The loss couples the whole batch (J-BOND's batch-level baseline, every metric), so it is taken whole: a
+    forward-only pass gives the log-probs `l` of every sample, then `loss(l)` and its gradient `g = dloss/dl`
+    over the batch, and the parameters' gradient is `sum over micro-batches of d<g, l(params)>/dparams`, the
+    same chain rule as the unsplit step's (one forward more, in exchange for the memory).
+    """
+    n = self.config.memory.micro_batches
+    if n == 1:
+      return jax.value_and_grad(self.loss, has_aux=True)(params, batch, samples, rewards, estimates)
+    scored = _scored(samples, estimates)
+    joint = jax.lax.stop_gradient(self.log_probs(params, batch, scored, n))
+    (loss, metrics), weights = jax.value_and_grad(self.loss_of_log_probs, has_aux=True)(joint, samples, rewards,
+                                                                                        estimates)
+
+    def accumulate(total, part):
+      part_batch, part_samples, part_weights = part
+      grads = jax.grad(lambda p: jnp.sum(part_weights * self.log_probs(p, part_batch, part_samples)))(params)
+      return jax.tree.map(jnp.add, total, grads), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, _ = jax.lax.scan(accumulate, zeros, micro_batching.split((batch, scored, weights), n))
+    return (loss, metrics), grads
 
   def update(self, state: TrainState, grads) -> tuple[Any, optax.OptState]:
     """Phase 5: the optimizer's new parameters and state."""
@@ -246,8 +300,7 @@ class TrainStep:
     rewards = self.score(batch, samples)
     estimates = self.estimate(models, tuning.reference(ref_params), batch, samples, rewards,
                               with_reference=is_log_step(self.config, state.step + 1))
-    (loss, loss_metrics), model_grads = jax.value_and_grad(self.loss, has_aux=True)(
-        models.params, batch, samples, rewards, estimates)
+    (loss, loss_metrics), model_grads = self.gradient(models.params, batch, samples, rewards, estimates)
     (grads,) = to_trainable(model_grads)
     grad_norm = optax.global_norm(grads)
     params, opt_state = self.update(state, grads)

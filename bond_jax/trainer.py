@@ -37,6 +37,7 @@ from bond_jax import sharding
 from bond_jax import train_state as train_state_lib
 from bond_jax import train_step as train_step_lib
 from bond_jax.data import prompt_batches
+from bond_jax.models import transformer
 
 
 EXPORT_DIR = "policy"  # Under the workdir: the trained policy as a Hugging Face checkpoint (`export.export_policy`).
@@ -91,6 +92,8 @@ def train(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict:
   ref_params, initial, identity = fine_tuning.setup(config, ref_params, model_config)
   _check_before_compiling(config, model_config, ref_params, reward_fn, optimizer, mesh, train_prompts, eval_prompts,
                           initial)
+  # A reward model's weights, sharded once: the compiled steps take them as they are at every call.
+  reward_fn = jax.device_put(reward_fn, sharding.param_shardings(reward_fn, mesh))
 
   # The train state on the mesh, resumed from the workdir's latest readable checkpoint.
   ref_params, param_shardings, state, state_shardings = sharded_train_state(config, ref_params, optimizer, mesh,
@@ -153,7 +156,9 @@ def _check_before_compiling(config: ml_collections.ConfigDict, model_config, ref
 
 
 def sharded_train_state(config: ml_collections.ConfigDict, ref_params, optimizer, mesh, initial=None):
-  """Places the reference on `mesh` and creates the initial train state there, sharded by the partition rules.
+  """Places the reference on `mesh` and creates the initial train state there, sharded by the partition rules;
+  then, for a full fine-tune, holds the frozen reference in the compute dtype (`config.policy.dtype`; its outputs do
+  not change), while the policy, the anchor and the optimizer state stay float32.
 
   `initial` is what the state's trained parameters start from: None, a copy of `ref_params` (a full fine-tune);
   under LoRA, the adapters, `ref_params` being the frozen base (`fine_tuning.setup`).
@@ -164,10 +169,15 @@ def sharded_train_state(config: ml_collections.ConfigDict, ref_params, optimizer
   """
   param_shardings = sharding.param_shardings(ref_params, mesh)
   ref_params = jax.device_put(ref_params, param_shardings)
-  initial = ref_params if initial is None else initial
+  full_fine_tune = initial is None
+  initial = ref_params if full_fine_tune else initial
   init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
   state_shardings = sharding.param_shardings(jax.eval_shape(init, initial), mesh)
-  return ref_params, param_shardings, jax.jit(init, out_shardings=state_shardings)(initial), state_shardings
+  state = jax.jit(init, out_shardings=state_shardings)(initial)
+  if full_fine_tune:  # Under LoRA `fine_tuning.setup` chose the frozen base's dtype.
+    ref_params = jax.jit(lambda p: transformer.cast_weights(p, config.policy.dtype),
+                         out_shardings=param_shardings)(ref_params)
+  return ref_params, param_shardings, state, state_shardings
 
 
 class CompiledSteps(NamedTuple):
@@ -237,11 +247,13 @@ def _compile_with_reward(name: str, make_fn, reward_fn, mesh, in_shardings, args
   A reward model's weights (the leaves of its `RewardFn` pytree) then enter the compiled program as sharded
   inputs rather than as constants baked into it, which would compile slowly and hold a second copy in memory.
   `args` may be arrays or `jax.ShapeDtypeStruct`s; `donate_argnums` counts the arguments after the reward, from 1.
+  It is traced on `mesh` (`jax.set_mesh`), so activations are sharded as `sharding.ACTIVATION_RULES` says.
   """
   jitted = jax.jit(lambda reward, *fn_args: make_fn(reward)(*fn_args),
                    in_shardings=(sharding.param_shardings(reward_fn, mesh), *in_shardings), **jit_kwargs)
   start = time.perf_counter()
-  compiled = jitted.lower(reward_fn, *args).compile()
+  with jax.set_mesh(mesh):
+    compiled = jitted.lower(reward_fn, *args).compile()
   logging.info("Compiled the %s in %.1f s.", name, time.perf_counter() - start)
   return functools.partial(compiled, reward_fn)
 

@@ -312,3 +312,27 @@ def test_reward_model_reads_the_last_max_len_tokens_of_a_longer_conversation(cro
   with torch.no_grad():
     want = [float(model(input_ids=torch.tensor([i])).logits[0, 0]) for i in ids]
   np.testing.assert_allclose(got[0], want, atol=1e-4, rtol=0)
+
+
+def test_reward_model_is_read_onto_the_mesh_in_its_compute_dtype(cross_tokenizer_dirs, tmp_path):
+  """`config.reward.dtype` bfloat16 with a mesh: every weight is read as bfloat16 straight into the shardings the
+  steps take it in (so the trainer's `device_put` moves nothing), and its scores are the float32 model's up to
+  bfloat16 rounding."""
+  from bond_jax import run_components
+  from bond_jax import sharding
+  from bond_jax.data import prompt_encoding
+  from bond_jax.tasks import default_assets, instruct_example
+
+  dirs, _ = cross_tokenizer_dirs
+  same = instruct_example.shipped_tokenizer(str(tmp_path), chat_template=None)
+  policy = prompt_encoding.PromptTokenizer(default_assets.load_tokenizer())
+  batch = _policy_batch(policy, ["The room", "The movie was"])
+  mesh = sharding.make_mesh((1, 8, 1))
+  config = _reward_config(dirs["rm"], same)
+  config.reward.dtype = "bfloat16"
+  reward_fn = run_components.load_reward(config, policy, mesh)
+  for leaf, expected in zip(jax.tree.leaves(reward_fn), jax.tree.leaves(sharding.param_shardings(reward_fn, mesh))):
+    assert leaf.dtype == jnp.bfloat16 and leaf.sharding == expected
+  score = jax.jit(lambda fn, *batch: fn(*batch))
+  expected = score(run_components.load_reward(_reward_config(dirs["rm"], same), policy), *batch)
+  np.testing.assert_allclose(score(reward_fn, *batch), expected, atol=0.05 * float(np.abs(expected).max()))

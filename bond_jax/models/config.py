@@ -11,6 +11,9 @@ _ACTIVATIONS = ("silu", "gelu_tanh")
 _HEADS = ("lm", "score")
 _DTYPES = ("float32", "bfloat16", "float16")
 _QK_NORMS = (None, "head", "projection")
+# What a differentiated pass keeps of each layer for the backward pass: everything ("none"), only the layer's input
+# ("block": the layer runs again in the backward pass), or the outputs of its weight matmuls ("matmuls").
+REMAT_POLICIES = ("none", "block", "matmuls")
 ROTARY_KINDS = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -95,6 +98,8 @@ class ModelConfig:
       stops on); empty: generation never stops early.
     family: the Hugging Face model family whose checkpoint layout the weights follow (`hf.save_checkpoint`
       writes that architecture; e.g. Phi-3 fuses q/k/v and gate/up on disk).
+    remat: one of `REMAT_POLICIES`: how a differentiated pass trades memory for recomputation (a run choice, like
+      `dtype`; it changes no output).
 
   Example:
     >>> cfg = ModelConfig(vocab_size=32, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
@@ -133,6 +138,7 @@ class ModelConfig:
   bos_token_id: int | None = None
   stop_token_ids: tuple[int, ...] = ()
   family: str = "llama"
+  remat: str = "none"
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
@@ -161,7 +167,7 @@ class ModelConfig:
       if value is not None and value <= 0:
         raise ValueError(f"ModelConfig.{name} must be None or > 0, got {value!r}.")
     for name, allowed in (("mlp_activation", _ACTIVATIONS), ("head", _HEADS), ("qk_norm", _QK_NORMS),
-                          ("dtype", _DTYPES), ("param_dtype", _DTYPES)):
+                          ("dtype", _DTYPES), ("param_dtype", _DTYPES), ("remat", REMAT_POLICIES)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; allowed: {allowed}.")
     if not isinstance(self.stop_token_ids, tuple):

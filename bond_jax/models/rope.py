@@ -83,12 +83,30 @@ def apply_rope(x: jax.Array, positions: jax.Array, rotary: Rotary) -> jax.Array:
     >>> np.asarray(apply_rope(q, jnp.array([[0, 1]]), Rotary())[0, :, 0], np.float64).round(3).tolist()
     [[1.0, 1.0, 1.0, 1.0], [-0.301, 0.99, 1.382, 1.01]]
   """
-  head_dim = x.shape[-1]
-  angles = positions[..., None].astype(jnp.float32) * inv_freq(rotary, head_dim)
+  return rotate(x, positions, inv_freq(rotary, x.shape[-1]), rotary.attention_factor)
+
+
+def rotate(x: jax.Array, positions: jax.Array, frequencies: jax.Array, scale: jax.Array | float) -> jax.Array:
+  """`apply_rope` from a layer's frequencies and cos/sin scale as arrays, as a scan over layers passes them.
+
+  Args:
+    x: `[batch, time, heads, head_dim]`.
+    positions: `[batch, time]` int.
+    frequencies: `[head_dim // 2]` float32, `inv_freq` of the layer's `Rotary`.
+    scale: float32 scalar, its `attention_factor` (1 but for "yarn").
+
+  Returns:
+    `[batch, time, heads, head_dim]` in `x.dtype`.
+
+  Example:
+    >>> q = jnp.ones((1, 2, 1, 4))
+    >>> bool(jnp.all(rotate(q, jnp.array([[0, 1]]), inv_freq(Rotary(), 4), 1.0) == apply_rope(q, jnp.array([[0, 1]]),
+    ...                                                                                       Rotary())))
+    True
+  """
+  angles = positions[..., None].astype(jnp.float32) * frequencies
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
-  if rotary.attention_factor != 1.0:
-    cos, sin = cos * rotary.attention_factor, sin * rotary.attention_factor
+  cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale
   x32 = x.astype(jnp.float32)
   first, second = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-second, first], axis=-1)

@@ -27,6 +27,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from bond_jax import sharding
 from bond_jax.models import rope
 from bond_jax.models.config import ModelConfig
 
@@ -37,16 +38,50 @@ class Cache(NamedTuple):
   """Keys/values of every layer at `max_len` slots; a pytree, so it flows through jit and while_loop.
 
   Attributes:
-    k: per layer `[batch, max_len, num_kv_heads, head_dim]` rotated keys, in the compute dtype.
-    v: per layer `[batch, max_len, num_kv_heads, head_dim]` values.
+    k: `[layers, batch, max_len, num_kv_heads, head_dim]` rotated keys, in the compute dtype.
+    v: `[layers, batch, max_len, num_kv_heads, head_dim]` values.
     mask: `[batch, max_len]` bool, True where a slot holds a real (attendable) token.
     index: int32 scalar, the next slot to write (shared by all rows).
   """
 
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
+  k: jax.Array
+  v: jax.Array
   mask: jax.Array
   index: jax.Array
+
+
+class LayerData(NamedTuple):
+  """What differs between layers besides their weights, as arrays (stacked `[layers, ...]` by `layer_data`), so
+  one scanned block serves every layer (Gemma 3's interleaved local and global layers included).
+
+  Attributes:
+    frequencies: `[head_dim // 2]` float32 rotary frequencies (`rope.inv_freq` of the layer's `Rotary`).
+    rotary_scale: float32 scalar, the rotary cos/sin scale (`Rotary.attention_factor`).
+    window: int32 scalar, the sliding window in slots (`GLOBAL_WINDOW` for global attention).
+  """
+
+  frequencies: jax.Array
+  rotary_scale: jax.Array
+  window: jax.Array
+
+
+GLOBAL_WINDOW = jnp.iinfo(jnp.int32).max  # A window no slot distance reaches: global attention.
+
+
+def layer_data(config: ModelConfig) -> LayerData:
+  """Every layer's `LayerData`, stacked along a leading `[layers]` axis, from `config.rotary` and
+  `config.sliding_window`.
+
+  Example:
+    >>> from bond_jax.models.config import Rotary, tiny
+    >>> data = layer_data(tiny(sliding_window=(3, None), rotary=(Rotary(theta=100.0), Rotary())))
+    >>> data.frequencies.shape, data.window.tolist()
+    ((2, 4), [3, 2147483647])
+  """
+  return LayerData(
+      frequencies=jnp.stack([rope.inv_freq(r, config.head_dim) for r in config.rotary]),
+      rotary_scale=jnp.asarray([r.attention_factor for r in config.rotary], jnp.float32),
+      window=jnp.asarray([GLOBAL_WINDOW if w is None else w for w in config.sliding_window], jnp.int32))
 
 
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -89,47 +124,44 @@ class RMSNorm(nn.Module):
     return (normed * (1.0 + scale if self.plus_one else scale)).reshape(x.shape).astype(self.dtype)
 
 
-def _norm(cfg: ModelConfig, name: str, ndim: int = 1) -> RMSNorm:
+def _norm(cfg: ModelConfig, name: str | None, ndim: int = 1) -> RMSNorm:
   return RMSNorm(cfg.norm_eps, cfg.norm_plus_one, cfg.compute_dtype, cfg.weight_dtype, ndim, name=name)
 
 
 class Attention(nn.Module):
-  """Grouped-query self-attention of layer `layer`: rotary embedding, optional qkv bias, q/k norms, sliding
-  window and logit soft-capping."""
+  """Grouped-query self-attention of one layer (its `LayerData`): rotary embedding, optional qkv bias, q/k norms,
+  sliding window and logit soft-capping."""
 
   config: ModelConfig
-  layer: int
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, layer_cache, cache_index):
+  def __call__(self, x, positions, key_mask, layer_cache, cache_index, data: LayerData):
     cfg = self.config
     dense = lambda features, axis, bias, name: nn.DenseGeneral(  # noqa: E731
         features, axis=axis, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
         name=name)
-    q = dense((cfg.num_heads, cfg.head_dim), -1, cfg.qkv_bias, "q")(x)
-    k = dense((cfg.num_kv_heads, cfg.head_dim), -1, cfg.qkv_bias, "k")(x)
-    v = dense((cfg.num_kv_heads, cfg.head_dim), -1, cfg.qkv_bias, "v")(x)
+    heads = lambda y: sharding.constrain(y, "batch", None, "heads", None)  # noqa: E731
+    q = heads(dense((cfg.num_heads, cfg.head_dim), -1, cfg.qkv_bias, "q")(x))
+    k = heads(dense((cfg.num_kv_heads, cfg.head_dim), -1, cfg.qkv_bias, "k")(x))
+    v = heads(dense((cfg.num_kv_heads, cfg.head_dim), -1, cfg.qkv_bias, "v")(x))
     if cfg.qk_norm is not None:
       ndim = 1 if cfg.qk_norm == "head" else 2
       q, k = _norm(cfg, "q_norm", ndim)(q), _norm(cfg, "k_norm", ndim)(k)
-    rotary = cfg.rotary[self.layer]
-    q, k = rope.apply_rope(q, positions, rotary), rope.apply_rope(k, positions, rotary)
+    q = rope.rotate(q, positions, data.frequencies, data.rotary_scale)
+    k = rope.rotate(k, positions, data.frequencies, data.rotary_scale)
 
     batch, time = x.shape[:2]
     query_slots = jnp.arange(time)
+    new_kv = None
     if layer_cache is not None:
       cache_k, cache_v = layer_cache
-      k = lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
-      v = lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
+      new_kv = (k.astype(cache_k.dtype), v.astype(cache_v.dtype))
+      k = heads(lax.dynamic_update_slice(cache_k, new_kv[0], (0, cache_index, 0, 0)))
+      v = heads(lax.dynamic_update_slice(cache_v, new_kv[1], (0, cache_index, 0, 0)))
       query_slots = query_slots + cache_index
-      layer_cache = (k, v)
     key_slots = jnp.arange(k.shape[1])
     behind = query_slots[:, None] - key_slots[None, :]  # [time, slots]
-    allowed = behind >= 0
-    window = cfg.sliding_window[self.layer]
-    if window is not None:
-      allowed &= behind < window
-    allowed = key_mask[:, None, :] & allowed[None]
+    allowed = key_mask[:, None, :] & ((behind >= 0) & (behind < data.window))[None]
 
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(batch, time, cfg.num_kv_heads, groups, cfg.head_dim)
@@ -138,8 +170,13 @@ class Attention(nn.Module):
     # A finite floor (not -inf) keeps fully masked rows (pad queries before any real token) NaN-free.
     logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, time, cfg.num_heads, cfg.head_dim)
-    return dense(cfg.d_model, (-2, -1), False, "o")(out), layer_cache
+    out = heads(jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, time, cfg.num_heads, cfg.head_dim))
+    return _residual(dense(cfg.d_model, (-2, -1), False, "o")(out)), new_kv
+
+
+def _residual(x: jax.Array) -> jax.Array:
+  """The residual stream `[batch, time, d_model]`, split over the batch axes only."""
+  return sharding.constrain(x, "batch", None, None)
 
 
 class MLP(nn.Module):
@@ -152,112 +189,134 @@ class MLP(nn.Module):
     cfg = self.config
     dense = lambda features, name: nn.Dense(  # noqa: E731
         features, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name)
-    gate = dense(cfg.mlp_dim, "gate")(x)
+    hidden = lambda y: sharding.constrain(y, "batch", None, "mlp")  # noqa: E731
+    gate = hidden(dense(cfg.mlp_dim, "gate")(x))
     act = jax.nn.silu(gate) if cfg.mlp_activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    return dense(cfg.d_model, "down")(act * dense(cfg.mlp_dim, "up")(x))
+    return _residual(dense(cfg.d_model, "down")(act * hidden(dense(cfg.mlp_dim, "up")(x))))
 
 
 class Block(nn.Module):
-  """Residual block `layer`: norms before (`pre_norms`) and/or on the outputs of (`post_norms`) attention and MLP."""
+  """One residual block: norms before (`pre_norms`) and/or on the outputs of (`post_norms`) attention and MLP.
+
+  Returns the new residual stream and, with a cache, the new tokens' keys and values `[batch, time, kv_heads,
+  head_dim]` (None without).
+  """
 
   config: ModelConfig
-  layer: int
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, layer_cache, cache_index):
+  def __call__(self, x, positions, key_mask, layer_cache, cache_index, data: LayerData):
     cfg = self.config
     h = _norm(cfg, "pre_attn_norm")(x) if cfg.pre_norms else x
-    h, layer_cache = Attention(cfg, self.layer, name="attn")(h, positions, key_mask, layer_cache, cache_index)
+    h, new_kv = Attention(cfg, name="attn")(h, positions, key_mask, layer_cache, cache_index, data)
     if cfg.post_norms:
       h = _norm(cfg, "post_attn_norm")(h)
     x = x + h
     h = MLP(cfg, name="mlp")(_norm(cfg, "pre_mlp_norm")(x) if cfg.pre_norms else x)
     if cfg.post_norms:
       h = _norm(cfg, "post_mlp_norm")(h)
-    return x + h, layer_cache
+    return _residual(x + h), new_kv
+
+
+def _embedder(cfg: ModelConfig, name: str | None = None) -> nn.Embed:
+  return nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name)
+
+
+def _head_name(cfg: ModelConfig) -> str | None:
+  """The head's parameter group: "score", "lm_head", or None when the LM head is the (tied) embedding."""
+  if cfg.head == "score":
+    return "score"
+  return None if cfg.tie_embeddings else "lm_head"
+
+
+def _head_dense(cfg: ModelConfig, name: str | None = None) -> nn.Dense:
+  features = cfg.num_labels if cfg.head == "score" else cfg.vocab_size
+  return nn.Dense(features, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name)
 
 
 class Transformer(nn.Module):
-  """Embedding, `num_layers` blocks, final norm and an LM (tied or not) or score head."""
+  """The parameter tree: embedding, `num_layers` blocks (`layer_{i}`), final norm and an LM (tied or not) or score
+  head. `init_params` creates it; `forward` applies the same modules, the blocks under one `lax.scan`."""
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, positions, attention_mask, cache, output_start):
+  def __call__(self, tokens):
     cfg = self.config
-    embedder = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
-                        param_dtype=cfg.weight_dtype, name="embedder")
-    x = embedder(tokens)
-    if cfg.embed_scale:
-      x = x * jnp.asarray(math.sqrt(cfg.d_model), cfg.compute_dtype)
-
-    if cache is None:
-      key_mask, cache_index = attention_mask, None
-    else:
-      key_mask = lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
-      cache_index = cache.index
-    new_k, new_v = [], []
+    x = _embedder(cfg, "embedder")(tokens)
+    positions, mask = jnp.zeros(tokens.shape, jnp.int32), jnp.ones(tokens.shape, bool)
+    data = layer_data(cfg)
     for i in range(cfg.num_layers):
-      layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-      x, layer_cache = Block(cfg, i, name=f"layer_{i}")(x, positions, key_mask, layer_cache, cache_index)
-      if cache is not None:
-        new_k.append(layer_cache[0])
-        new_v.append(layer_cache[1])
-
-    # The head (vocab-sized for "lm") runs only where outputs are wanted, e.g. the last prompt token.
-    x = x[:, output_start:]
+      x, _ = Block(cfg, name=f"layer_{i}")(x, positions, mask, None, None, jax.tree.map(lambda d: d[i], data))
     x = _norm(cfg, "final_norm")(x)
-    if cfg.head == "score":
-      out = nn.Dense(cfg.num_labels, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                     name="score")(x).astype(jnp.float32)
-    else:
-      if cfg.tie_embeddings:
-        out = embedder.attend(x)
-      else:
-        out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                       name="lm_head")(x)
-      out = _softcap(out.astype(jnp.float32), cfg.final_logit_softcap)
-    if cache is None:
-      return out, None
-    return out, Cache(tuple(new_k), tuple(new_v), key_mask, cache.index + tokens.shape[1])
+    if _head_name(cfg) is not None:
+      _head_dense(cfg, _head_name(cfg))(x)
 
 
-def init_params(config: ModelConfig, rng: jax.Array) -> Params:
-  """Random parameters, the `params` collection (`embedder/embedding`, `layer_{i}/attn/q/kernel`, ...).
-
-  Example:
-    >>> from bond_jax.models.config import tiny
-    >>> params = init_params(tiny(), jax.random.key(0))
-    >>> params["layer_0"]["attn"]["q"]["kernel"].shape   # [d_model, heads, head_dim]
-    (32, 4, 8)
-  """
-  dummy = jnp.zeros((1, 1), jnp.int32)
-  variables = Transformer(config).init(rng, dummy, dummy, jnp.ones((1, 1), bool), None, 0)
-  return variables["params"]
+LAYERS = "layers"  # The key of the stacked layers in `stack_layers`' tree.
 
 
-def cast_to_compute_dtype(params: Params, config: ModelConfig) -> Params:
-  """`params` with every weight matrix (`ndim >= 2`) in the compute dtype: the model's outputs do not change.
+def _is_layer(key: str) -> bool:
+  return key.startswith("layer_")
 
-  Each layer casts its matrices and biases to the compute dtype before using them, and reads its norm scales
-  (1-D) in float32, so casting once ahead is exact. A decoding loop given float32 parameters and a bfloat16
-  compute dtype would otherwise read the float32 matrices and cast them again at every step (XLA does not hoist
-  the casts out of the loop): 4 bytes per weight read plus 2 written and read again, rather than 2 (decoding a
-  1B model on an H200 ran 1.86x faster cast once: benchmarks/RESULTS.md).
+
+def stack_layers(params: Params, config: ModelConfig) -> Params:
+  """`params` with its `layer_{i}` groups stacked into one tree under `"layers"` (`[layers, ...]` leaves), as
+  `forward` scans them.
+
+  `forward` takes either layout and stacks the layers itself when given `init_params`' tree; a loop that calls it
+  many times with the same weights (a decoding loop) stacks them once ahead.
 
   Example:
     >>> from bond_jax.models.config import tiny
-    >>> cfg = tiny(dtype="bfloat16")
-    >>> decode_params = cast_to_compute_dtype(init_params(cfg, jax.random.key(0)), cfg)
-    >>> decode_params["layer_0"]["attn"]["q"]["kernel"].dtype, decode_params["final_norm"]["scale"].dtype
-    (dtype(bfloat16), dtype('float32'))
+    >>> stacked = stack_layers(init_params(tiny(), jax.random.key(0)), tiny())
+    >>> stacked["layers"]["attn"]["q"]["kernel"].shape   # [layers, d_model, heads, head_dim]
+    (2, 32, 4, 8)
   """
-  return jax.tree.map(lambda x: x.astype(config.compute_dtype) if x.ndim >= 2 else x, params)
+  if LAYERS in params:
+    return params
+  layers = [params[f"layer_{i}"] for i in range(config.num_layers)]
+  outer = {key: value for key, value in params.items() if not _is_layer(key)}
+  return outer | {LAYERS: jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+# What each remat policy lets a differentiated layer keep for the backward pass (see `config.REMAT_POLICIES`;
+# "none" keeps everything, the layer's weights gathered over fsdp included). The others keep no weight: the
+# backward pass gathers them again, as ZeRO-3 does.
+_REMAT = {
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+_UNROLLED_LAYERS = 2
+
+
+def _layers(layers: Params, config: ModelConfig, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
+            cache: Cache | None, cache_index) -> tuple[jax.Array, Any]:
+  """Every block over `x`, one `lax.scan` over the stacked layers: the program holds one block whatever the depth.
+
+  Returns the residual stream and, with a cache, the new tokens' keys and values of every layer `[layers, batch,
+  time, kv_heads, head_dim]`.
+  """
+  block = Block(config, parent=None)
+
+  def body(x, layer):
+    weights, data, layer_cache = layer
+    return block.apply({"params": sharding.gather_over_fsdp(weights)}, x, positions, key_mask, layer_cache,
+                       cache_index, data)
+
+  if config.remat != "none":
+    body = jax.checkpoint(body, policy=_REMAT[config.remat], prevent_cse=False)
+  caches = None if cache is None else (cache.k, cache.v)
+  # A model of a layer or two is unrolled: XLA compiles that faster than a loop (the tests' models).
+  unroll = config.num_layers if config.num_layers <= _UNROLLED_LAYERS else 1
+  return lax.scan(body, x, (layers, layer_data(config), caches), unroll=unroll)
 
 
 def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array,
-            attention_mask: jax.Array, cache: Cache | None = None,
-            output_start: int = 0) -> tuple[jax.Array, Cache | None]:
+            attention_mask: jax.Array, cache: Cache | None = None, output_start: int = 0,
+            hidden: bool = False) -> tuple[jax.Array, Cache | None]:
   """Runs the transformer, optionally appending to a KV cache.
 
   Query `t` attends to key `s` iff `s` holds a real token and `s <= t` in slot order (so causal in the layout
@@ -267,8 +326,12 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: j
   (`positions_from_mask`). With a cache, the `time` new tokens are written at slots
   `[cache.index, cache.index + time)`, which must fit in the cache (writes past the end are clamped by XLA).
 
+  The layers run as one `lax.scan` (one block in the program whatever the depth), each rematerialised in a
+  backward pass as `config.remat` says. On a mesh set with `jax.set_mesh`, activations are constrained as
+  `sharding.ACTIVATION_RULES` says and each layer's weights are all-gathered over `fsdp` where it runs (ZeRO-3).
+
   Args:
-    params: from `init_params`.
+    params: from `init_params`, or with its layers stacked (`stack_layers`).
     config: the model config (static under jit).
     tokens: `[batch, time]` int32.
     positions: `[batch, time]` int32 rotary positions.
@@ -276,6 +339,8 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: j
     cache: optional, from `init_cache(config, batch, max_len)` or a previous call.
     output_start: static int; outputs are computed for time steps `[output_start, time)` only (the head
       is the costliest layer of a large-vocabulary model at prefill).
+    hidden: static; return the final norm's outputs `[batch, time - output_start, d_model]` (compute dtype)
+      rather than the head's, for `head_outputs` to take in chunks.
 
   Returns:
     `(outputs, cache)`: float32 `[batch, time - output_start, vocab]` logits (head "lm") or
@@ -295,8 +360,141 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: j
   chex.assert_equal_shape([tokens, positions, attention_mask])
   if not 0 <= output_start < tokens.shape[1]:
     raise ValueError(f"output_start={output_start} must lie in [0, time={tokens.shape[1]}).")
-  return Transformer(config).apply({"params": params}, tokens, positions, attention_mask.astype(bool), cache,
-                                   output_start)
+  attention_mask = attention_mask.astype(bool)
+  stacked = stack_layers(params, config)
+  outer = head_params(stacked)
+  x = _residual(_embedder(config).apply({"params": outer["embedder"]}, tokens))
+  if config.embed_scale:
+    x = x * jnp.asarray(math.sqrt(config.d_model), config.compute_dtype)
+
+  if cache is None:
+    key_mask, cache_index = attention_mask, None
+  else:
+    key_mask = lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
+    cache_index = cache.index
+  x, new_kv = _layers(stacked[LAYERS], config, x, positions, key_mask, cache, cache_index)
+  if cache is not None:
+    write = lambda old, new: lax.dynamic_update_slice(old, new, (0, 0, cache.index, 0, 0))  # noqa: E731
+    kv = lambda x: sharding.constrain(x, None, "batch", None, "heads", None)  # noqa: E731
+    cache = Cache(kv(write(cache.k, new_kv[0])), kv(write(cache.v, new_kv[1])),
+                  sharding.constrain(key_mask, "batch", None), cache.index + tokens.shape[1])
+
+  x = _norm(config, None).apply({"params": outer["final_norm"]}, x[:, output_start:])
+  return (x if hidden else head_outputs(outer, config, x)), cache
+
+
+def outer_params_after(params: Params, value: Any) -> Params:
+  """`params` whose groups outside the layers (embedding, final norm, head: what a pass gathers whole, as
+  `head_params` does) are computable only once `value` is (`sharding.params_after`), so that XLA gathers them
+  when the pass that reads `value` runs, not at the program's start (where it would hold them through every
+  earlier pass).
+
+  Example:
+    >>> from bond_jax.models.config import tiny
+    >>> params = init_params(tiny(), jax.random.key(0))
+    >>> bool(jnp.all(outer_params_after(params, jnp.ones(2))["lm_head"]["kernel"] == params["lm_head"]["kernel"]))
+    True
+  """
+  outer = {key: value for key, value in params.items() if not _is_layer(key) and key != LAYERS}
+  return params | sharding.params_after(outer, value)
+
+
+def head_params(params: Params) -> Params:
+  """The parameters outside the layers (embedding, final norm, head), all-gathered over `fsdp` on a mesh: what
+  `head_outputs` reads, gathered once ahead of a loop that calls it many times.
+
+  Example:
+    >>> from bond_jax.models.config import tiny
+    >>> sorted(head_params(init_params(tiny(), jax.random.key(0))))
+    ['embedder', 'final_norm', 'lm_head']
+  """
+  return sharding.gather_over_fsdp({key: value for key, value in params.items() if not _is_layer(key)
+                                    and key != LAYERS})
+
+
+def head_outputs(params: Params, config: ModelConfig, hidden_states: jax.Array) -> jax.Array:
+  """The head on final-norm outputs (`forward(..., hidden=True)`): `[..., d_model]` -> float32 `[..., vocab]` logits
+  (soft-capped as the model says) or `[..., num_labels]` scores.
+
+  Example:
+    >>> from bond_jax.models.config import tiny
+    >>> cfg = tiny()
+    >>> params, mask = init_params(cfg, jax.random.key(0)), jnp.ones((1, 3), bool)
+    >>> hidden, _ = forward(params, cfg, jnp.array([[4, 5, 6]]), positions_from_mask(mask), mask, hidden=True)
+    >>> logits, _ = forward(params, cfg, jnp.array([[4, 5, 6]]), positions_from_mask(mask), mask)
+    >>> bool(jnp.all(head_outputs(params, cfg, hidden) == logits))
+    True
+  """
+  name = _head_name(config)
+  if name is None:
+    out = _embedder(config).apply({"params": params["embedder"]}, hidden_states, method="attend")
+  else:
+    out = _head_dense(config).apply({"params": params[name]}, hidden_states)
+  if config.head == "score":
+    return out.astype(jnp.float32)
+  return _softcap(sharding.constrain(out, *(["batch"] + [None] * (out.ndim - 2) + ["vocab"])).astype(jnp.float32),
+                  config.final_logit_softcap)
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+  """Random parameters, the `params` collection (`embedder/embedding`, `layer_{i}/attn/q/kernel`, ...).
+
+  Example:
+    >>> from bond_jax.models.config import tiny
+    >>> params = init_params(tiny(), jax.random.key(0))
+    >>> params["layer_0"]["attn"]["q"]["kernel"].shape   # [d_model, heads, head_dim]
+    (32, 4, 8)
+  """
+  return Transformer(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def cast_to_compute_dtype(params: Params, config: ModelConfig) -> Params:
+  """`params` with every weight matrix (`ndim >= 2`) in the compute dtype: the model's outputs do not change.
+
+  Each layer casts its matrices and biases to the compute dtype before using them, and reads its norm scales
+  (1-D) in float32, so casting once ahead is exact. A decoding loop given float32 parameters and a bfloat16
+  compute dtype would otherwise read the float32 matrices and cast them again at every step (XLA does not hoist
+  the casts out of the loop): 4 bytes per weight read plus 2 written and read again, rather than 2 (decoding a
+  1B model on an H200 ran 1.86x faster cast once: benchmarks/RESULTS.md).
+
+  Example:
+    >>> from bond_jax.models.config import tiny
+    >>> cfg = tiny(dtype="bfloat16")
+    >>> decode_params = cast_to_compute_dtype(init_params(cfg, jax.random.key(0)), cfg)
+    >>> decode_params["layer_0"]["attn"]["q"]["kernel"].dtype, decode_params["final_norm"]["scale"].dtype
+    (dtype(bfloat16), dtype('float32'))
+  """
+  return cast_weights(params, config.compute_dtype)
+
+
+def cast_weights(params: Params, dtype) -> Params:
+  """`params` with every weight matrix in `dtype` and norm scales left as they are (see `cast_to_compute_dtype`):
+  frozen weights held in their model's compute dtype.
+
+  Example:
+    >>> from bond_jax.models.config import tiny
+    >>> cast_weights(init_params(tiny(), jax.random.key(0)), "bfloat16")["embedder"]["embedding"].dtype
+    dtype(bfloat16)
+  """
+  def cast(path, x):
+    stacked = getattr(path[0], "key", None) == LAYERS  # a leading layer axis (`stack_layers`)
+    return x.astype(dtype) if x.ndim - stacked >= 2 else x
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def decoding_params(params: Params, config: ModelConfig) -> Params:
+  """The weights a decoding loop reads at every step, prepared once ahead of it: cast to the compute dtype
+  (`cast_to_compute_dtype`), layers stacked (`stack_layers`) and, on a mesh set with `jax.set_mesh`, all-gathered
+  over `fsdp` (still split over `tensor`), so that the loop runs no collective over the batch axes.
+
+  Example:
+    >>> from bond_jax.models.config import tiny
+    >>> cfg = tiny(dtype="bfloat16")
+    >>> decoding_params(init_params(cfg, jax.random.key(0)), cfg)["layers"]["mlp"]["up"]["kernel"].dtype
+    dtype(bfloat16)
+  """
+  stacked = stack_layers(cast_to_compute_dtype(params, config), config)
+  return head_params(stacked) | {LAYERS: sharding.gather_over_fsdp(stacked[LAYERS], layer_axis=True)}
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
@@ -305,11 +503,10 @@ def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
   Example:
     >>> from bond_jax.models.config import tiny
     >>> cache = init_cache(tiny(), batch=4, max_len=128)
-    >>> len(cache.k), cache.k[0].shape, int(cache.index)
-    (2, (4, 128, 2, 8), 0)
+    >>> cache.k.shape, int(cache.index)   # [layers, batch, max_len, kv_heads, head_dim]
+    ((2, 4, 128, 2, 8), 0)
   """
   if batch < 1 or max_len < 1:
     raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}.")
-  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-  zeros = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.num_layers))
+  zeros = jnp.zeros((config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim), config.compute_dtype)
   return Cache(zeros, zeros, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
