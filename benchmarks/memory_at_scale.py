@@ -28,7 +28,6 @@ mesh) with `planned_gib` (the larger of train and evaluation), `planned_train_gi
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import sys

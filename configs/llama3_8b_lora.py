@@ -45,6 +45,7 @@ def get_config():
   config.policy.lora.base_in_compute_dtype = True
   config.reward.kind = "reward_model"
   config.reward.path = ""  # A *ForSequenceClassification checkpoint with one label.
+  config.reward.dtype = "bfloat16"  # Fits: the reward model held and run in bfloat16.
   config.data.source = "prompt_file"
   config.data.path = ""  # JSONL with a "prompt" field, or text with one prompt per line.
   config.data.prompt_len = 256
@@ -55,4 +56,7 @@ def get_config():
   config.jbond.beta = 0.5
   config.jbond.gamma = 0.1
   config.anchor.eta = 0.02
+  config.memory.remat = "block"  # Fits: the update keeps each layer's input only (the layer runs again backward).
+  config.memory.micro_batches = 4  # Fits: the update's activations for 4 of each device's 16 prompts at a time.
+  config.memory.inference_micro_batches = 16  # Fits: sampling and evaluation one prompt per device at a time.
   return config
