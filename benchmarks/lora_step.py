@@ -112,7 +112,7 @@ def compile_step(config, model_config, ref_params, mesh, reward_fn, concrete: bo
   inputs on the mesh (for timing). Returns `(compiled, estimate, (state, frozen) or None)`."""
   optimizer = train_state.make_optimizer(config.optimizer)
   frozen, initial, _ = (fine_tuning.setup(config, ref_params, model_config) if concrete else
-                        _abstract_setup(config, ref_params))
+                        abstract_setup(config, ref_params))
   init = functools.partial(train_state.create_train_state, optimizer=optimizer, seed=0)
   state = jax.eval_shape(init, ref_params if initial is None else initial)
   state_shardings = sharding.param_shardings(state, mesh)
@@ -137,7 +137,7 @@ def compile_step(config, model_config, ref_params, mesh, reward_fn, concrete: bo
   return compiled, estimate, inputs
 
 
-def _abstract_setup(config, ref_params):
+def abstract_setup(config, ref_params):
   """`fine_tuning.setup` on abstract parameters (no fingerprint: nothing to read)."""
   tuning = fine_tuning.from_config(config)
   if isinstance(tuning, fine_tuning.FullFineTune):
@@ -258,7 +258,7 @@ def lora_memory_row(model_config: ModelConfig, mesh_shape=(8, 1, 1), batch: int 
   reward_fn = (rewards.reward_model(reward_params, rm_config) if reward == "model" else
                rewards.token_reward(token_reward))
   if not compile_plan:
-    frozen, initial, _ = _abstract_setup(config, ref_params)
+    frozen, initial, _ = abstract_setup(config, ref_params)
     estimate = memory_estimate.estimate_train_memory(config, model_config, frozen, train_state.make_optimizer(
         config.optimizer), mesh, reward_fn, initial)
     row = {}

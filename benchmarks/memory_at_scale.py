@@ -18,10 +18,12 @@ config (`configs/gemma_2b_jbond.py` for Gemma, `configs/llama3_8b_jbond.py` for 
 - compile seconds of each step (wall time on this CPU, shared: indicative; on a loaded machine it measures the
   queue as much as the compiler).
 
-  nice -n 19 python benchmarks/memory_at_scale.py                 # the three models on their config's mesh
+  nice -n 19 python benchmarks/memory_at_scale.py                 # every row on its config's mesh
   nice -n 19 python benchmarks/memory_at_scale.py --models gemma_2b --meshes 1,8,1 8,1,1 2,2,2
 
-The last line printed is one JSON object keyed `gemma_2b`, `llama3_2_3b`, `llama3_8b`, each (on its config's
+A fourth row, `llama3_8b_lora`, is Llama-3-8B with `configs/llama3_8b_lora.py` (J-BOND, rank-64 LoRA on a frozen
+bfloat16 base). The last line printed is one JSON object keyed `gemma_2b`, `llama3_2_3b`, `llama3_8b`,
+`llama3_8b_lora`, each (on its config's
 mesh) with `planned_gib` (the larger of train and evaluation), `planned_train_gib`, `planned_eval_gib`,
 `estimate_gib`, `collective_gib`, `zero3_gib`, `decode_loop_collective_gib`, `compile_s` (the train step's) and
 `eval_compile_s`.
@@ -52,10 +54,14 @@ from bond_jax.models.config import ModelConfig, Rotary  # pylint: disable=g-impo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
+import lora_step  # pylint: disable=g-import-not-at-top,wrong-import-position  (benchmarks/, the script's directory)
 import shipped_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GIB = 1024 ** 3
 # The checkpoints' config.json, as `hf.config_from_hf` maps them (the fields that shape memory and compute).
+LLAMA3_8B = dict(
+    vocab_size=128_256, num_layers=32, d_model=4096, num_heads=32, num_kv_heads=8, head_dim=128, mlp_dim=14_336,
+    max_seq_len=8192, norm_eps=1e-5, stop_token_ids=(128001, 128009), rotary=Rotary(theta=500_000.0))
 MODELS = {
     "gemma_2b": ("gemma_2b_jbond", dict(
         vocab_size=256_000, num_layers=18, d_model=2048, num_heads=8, num_kv_heads=1, head_dim=256, mlp_dim=16_384,
@@ -66,9 +72,9 @@ MODELS = {
         max_seq_len=131_072, tie_embeddings=True, norm_eps=1e-5, stop_token_ids=(128001, 128008, 128009),
         rotary=Rotary(theta=500_000.0, kind="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_len=8192))),
-    "llama3_8b": ("llama3_8b_jbond", dict(
-        vocab_size=128_256, num_layers=32, d_model=4096, num_heads=32, num_kv_heads=8, head_dim=128, mlp_dim=14_336,
-        max_seq_len=8192, norm_eps=1e-5, stop_token_ids=(128001, 128009), rotary=Rotary(theta=500_000.0))),
+    "llama3_8b": ("llama3_8b_jbond", LLAMA3_8B),
+    # J-BOND with rank-64 LoRA on a frozen bfloat16 base (issue 16).
+    "llama3_8b_lora": ("llama3_8b_lora", LLAMA3_8B),
 }
 
 
@@ -110,8 +116,10 @@ def measure(name: str, mesh_shape, hlo_dir: str = "") -> dict:
       transformer.init_params(reward_config, jax.random.key(1)), reward_config))
   reward_fn = rewards.reward_model(reward_params, reward_config)
   optimizer = train_state_lib.make_optimizer(config.optimizer)
-  estimate = memory_estimate.estimate_train_memory(config, model_config, ref_params, optimizer, mesh, reward_fn)
-  inputs = memory_estimate.abstract_step_inputs(config, ref_params, optimizer, mesh, reward_fn)
+  ref_params, initial, _ = lora_step.abstract_setup(config, ref_params)  # Under LoRA: the base and the adapters.
+  estimate = memory_estimate.estimate_train_memory(config, model_config, ref_params, optimizer, mesh, reward_fn,
+                                                   initial)
+  inputs = memory_estimate.abstract_step_inputs(config, ref_params, optimizer, mesh, reward_fn, initial)
   batch_sharding = sharding.batch_sharding(mesh, 2)
   timings = {}
 

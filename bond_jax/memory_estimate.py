@@ -349,10 +349,11 @@ class StepInputs(NamedTuple):
 
 
 def abstract_step_inputs(config: ml_collections.ConfigDict, ref_params: Any, optimizer: optax.GradientTransformation,
-                         mesh: Mesh, reward_fn: RewardFn | None = None) -> StepInputs:
+                         mesh: Mesh, reward_fn: RewardFn | None = None, initial: Any = None) -> StepInputs:
   """The train state, the reference and the reward's weights of a run, abstract and sharded on `mesh`: what
   `trainer.compile_steps` compiles for, from shapes alone (`ref_params` and the reward's leaves may be
-  `jax.ShapeDtypeStruct`s).
+  `jax.ShapeDtypeStruct`s). `ref_params` and `initial` are as `trainer.sharded_train_state` takes them: under
+  LoRA the frozen base (`lora.Frozen`, kept in its dtype) and the adapters.
 
   Example:
     >>> from bond_jax import run_config, sharding, train_state
@@ -367,8 +368,9 @@ def abstract_step_inputs(config: ml_collections.ConfigDict, ref_params: Any, opt
     (dtype(bfloat16), P('fsdp', 'tensor'))
   """
   init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
-  state = jax.eval_shape(init, ref_params)
-  frozen = jax.eval_shape(lambda p: transformer.cast_weights(p, config.policy.dtype), ref_params)
+  state = jax.eval_shape(init, ref_params if initial is None else initial)
+  frozen = (jax.eval_shape(lambda p: transformer.cast_weights(p, config.policy.dtype), ref_params)
+            if initial is None else ref_params)
   state_shardings = sharding.param_shardings(state, mesh)
   param_shardings = sharding.param_shardings(frozen, mesh)
   place = lambda tree, shardings: jax.tree.map(  # noqa: E731

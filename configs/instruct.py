@@ -40,6 +40,6 @@ def get_config():
   config.data.overlong = "reject"  # Truncating a rendered conversation would cut its template's header.
   config.sampling.max_new_tokens = 16
 
-  config.eval.num_ref_samples = 4
+  config.eval.num_ref_samples = 8
   config.eval.bon_ns = (2, 4)
   return config

@@ -17,7 +17,7 @@ def test_the_instruct_config_trains_on_the_stand_ins_and_exports_a_chat_policy(t
   config = shipped_configs.load("instruct")
   config.policy.path, config.reward.path, config.data.path = paths["policy"], paths["reward_model"], paths["prompts"]
   config.num_steps, config.log_every, config.checkpoint_every = 2, 1, 2
-  config.sampling.max_new_tokens, config.eval.num_ref_samples, config.eval.bon_ns = 4, 2, (2,)  # Fast to compile.
+  config.sampling.max_new_tokens, config.eval.num_ref_samples, config.eval.bon_ns = 4, 4, (2,)  # Fast to compile.
   workdir = str(tmp_path / "run")
   report = trainer.train(config, workdir)
   assert all(math.isfinite(v) for row in report.values() for v in row.values()), report
