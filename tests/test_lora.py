@@ -9,6 +9,7 @@ import functools
 import json
 import os
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -317,8 +318,9 @@ def test_adapters_are_sharded_over_fsdp_never_tensor(base):
 def test_memory_estimate_bounds_xla_plan_of_the_lora_step():
   """BOND (Best-of-4 from 16 anchor samples) with LoRA, 1 prompt per device on an (8, 1, 1) mesh, a model whose
   weights dominate (abstract: nothing is allocated): the state parts are the compiled step's arguments byte for byte
-  (adapters, their AdamW moments, the base), and the total bounds XLA's whole plan from above, which it would not
-  without the merged kernels. Float32: XLA on CPU computes bfloat16 matmuls in float32 copies of the weights."""
+  (adapters, their AdamW moments, the base), the merged kernels are counted (the policy's and the anchor's and the
+  policy's gradient, replicated over `data`), and the total bounds XLA's whole plan from above. Float32: XLA on CPU
+  computes bfloat16 matmuls in float32 copies of the weights."""
   config = lora_config(rank=8, **{"algorithm": "bond", "bond.n": 4, "bond.num_anchor_samples": 16, "batch_size": 8,
                                   "sampling.max_new_tokens": 12, "mesh_shape": (8, 1, 1)})
   model_config = config_lib.tiny(vocab_size=1024, num_layers=1, d_model=512, num_heads=8, num_kv_heads=4,
@@ -347,4 +349,9 @@ def test_memory_estimate_bounds_xla_plan_of_the_lora_step():
   assert analysis.argument_size_in_bytes == nbytes(frozen) + nbytes(state) + 8 * (4 + 1) * 3 // 8
   planned = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
              - analysis.alias_size_in_bytes)
-  assert estimate.total - estimate.merged_params < planned <= estimate.total <= 1.5 * planned  # 1.09x; 0.53x without
+  adapted = lora.targeted_kernels(ref_params, tuple(config.policy.lora.targets))
+  flat = traverse_util.flatten_dict(ref_params, sep="/")
+  assert estimate.merged_params == 3 * sum(nbytes(flat[path]) for path in adapted)
+  # 1.68x: at shapes this small the estimate's sum of parts (two models' decoding weights, the KV cache, the largest
+  # pass) over-counts what XLA holds at once (benchmarks/RESULTS.md, "Memory at scale").
+  assert planned <= estimate.total <= 2 * planned
