@@ -47,6 +47,7 @@ def even_token_reward(prompts, prompt_mask, generations, generation_mask):
 
   Example:
     >>> even_token_reward(jnp.zeros((1, 2), int), jnp.ones((1, 2), bool), jnp.array([[2, 3]]), jnp.ones((1, 2), bool))
+    Array([0.5], dtype=float32)
   """
   del prompts, prompt_mask
   even = (generations % 2 == 0) & generation_mask
