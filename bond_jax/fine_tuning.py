@@ -63,6 +63,23 @@ def from_config(config: ml_collections.ConfigDict) -> FullFineTune | lora.Lora:
                    dtype=config.policy.dtype)
 
 
+def held_frozen(config: ml_collections.ConfigDict, frozen, initial):
+  """The step's frozen input as the trainer holds it: a full fine-tune's reference (`initial` None) with its
+  matrices in the compute dtype `config.policy.dtype` (its outputs do not change: the model computes in that dtype);
+  under LoRA, `frozen` as `setup` made it (`base_in_compute_dtype` decides the base's dtype).
+
+  Works on arrays and, under `jax.eval_shape`, on shapes.
+
+  Example:
+    >>> from bond_jax import run_config
+    >>> config = run_config.base_config()
+    >>> config.policy.dtype = "bfloat16"
+    >>> held_frozen(config, {"w": jnp.ones((2, 2)), "scale": jnp.ones(2)}, None)["w"].dtype
+    dtype(bfloat16)
+  """
+  return transformer.cast_weights(frozen, config.policy.dtype) if initial is None else frozen
+
+
 class Setup(NamedTuple):
   """What a run of a fine-tuning method starts from.
 

@@ -288,10 +288,8 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   state_bytes = lambda field: per_device_bytes(getattr(state, field), getattr(state_shardings, field))  # noqa: E731
   algorithm = algorithms.from_config(config)
   reward_bytes = 0 if reward_fn is None else per_device_bytes(reward_fn, sharding.param_shardings(reward_fn, mesh))
-  in_compute_dtype = lambda params: jax.eval_shape(  # noqa: E731
-      lambda p: transformer.cast_weights(p, config.policy.dtype), params)
-  frozen = in_compute_dtype(ref_params) if initial is None else ref_params
-  decoding = in_compute_dtype(policy)
+  frozen = jax.eval_shape(lambda p: fine_tuning.held_frozen(config, p, initial), ref_params)
+  decoding = jax.eval_shape(lambda p: transformer.cast_weights(p, config.policy.dtype), policy)
 
   prompts_per_device = config.batch_size // _data_parallel_size(mesh)
   update_prompts = prompts_per_device // config.memory.micro_batches
@@ -369,8 +367,7 @@ def abstract_step_inputs(config: ml_collections.ConfigDict, ref_params: Any, opt
   """
   init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
   state = jax.eval_shape(init, ref_params if initial is None else initial)
-  frozen = (jax.eval_shape(lambda p: transformer.cast_weights(p, config.policy.dtype), ref_params)
-            if initial is None else ref_params)
+  frozen = jax.eval_shape(lambda p: fine_tuning.held_frozen(config, p, initial), ref_params)
   state_shardings = sharding.param_shardings(state, mesh)
   param_shardings = sharding.param_shardings(frozen, mesh)
   place = lambda tree, shardings: jax.tree.map(  # noqa: E731

@@ -37,7 +37,6 @@ from bond_jax import sharding
 from bond_jax import train_state as train_state_lib
 from bond_jax import train_step as train_step_lib
 from bond_jax.data import prompt_batches
-from bond_jax.models import transformer
 
 
 EXPORT_DIR = "policy"  # Under the workdir: the trained policy as a Hugging Face checkpoint (`export.export_policy`).
@@ -157,8 +156,8 @@ def _check_before_compiling(config: ml_collections.ConfigDict, model_config, ref
 
 def sharded_train_state(config: ml_collections.ConfigDict, ref_params, optimizer, mesh, initial=None):
   """Places the reference on `mesh` and creates the initial train state there, sharded by the partition rules;
-  then, for a full fine-tune, holds the frozen reference in the compute dtype (`config.policy.dtype`; its outputs do
-  not change), while the policy, the anchor and the optimizer state stay float32.
+  then holds the frozen input as `fine_tuning.held_frozen` says (a full fine-tune's reference in the compute dtype),
+  while the policy, the anchor and the optimizer state stay float32.
 
   `initial` is what the state's trained parameters start from: None, a copy of `ref_params` (a full fine-tune);
   under LoRA, the adapters, `ref_params` being the frozen base (`fine_tuning.setup`).
@@ -169,15 +168,12 @@ def sharded_train_state(config: ml_collections.ConfigDict, ref_params, optimizer
   """
   param_shardings = sharding.param_shardings(ref_params, mesh)
   ref_params = jax.device_put(ref_params, param_shardings)
-  full_fine_tune = initial is None
-  initial = ref_params if full_fine_tune else initial
+  trained = ref_params if initial is None else initial
   init = functools.partial(train_state_lib.create_train_state, optimizer=optimizer, seed=config.seed)
-  state_shardings = sharding.param_shardings(jax.eval_shape(init, initial), mesh)
-  state = jax.jit(init, out_shardings=state_shardings)(initial)
-  if full_fine_tune:  # Under LoRA `fine_tuning.setup` chose the frozen base's dtype.
-    ref_params = jax.jit(lambda p: transformer.cast_weights(p, config.policy.dtype),
-                         out_shardings=param_shardings)(ref_params)
-  return ref_params, param_shardings, state, state_shardings
+  state_shardings = sharding.param_shardings(jax.eval_shape(init, trained), mesh)
+  state = jax.jit(init, out_shardings=state_shardings)(trained)
+  # Elementwise on the placed arrays, so their shardings stay `param_shardings`; under LoRA nothing is copied.
+  return fine_tuning.held_frozen(config, ref_params, initial), param_shardings, state, state_shardings
 
 
 class CompiledSteps(NamedTuple):
