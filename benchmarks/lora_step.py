@@ -30,7 +30,6 @@ The last line printed is one JSON object with every figure.
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import statistics
@@ -53,9 +52,12 @@ from bond_jax import rewards
 from bond_jax import run_config
 from bond_jax import sharding
 from bond_jax import train_state
-from bond_jax import train_step
+from bond_jax import trainer
 from bond_jax.models import transformer
 from bond_jax.models.config import ModelConfig, Rotary
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import compiled_steps  # (tests/: the trainer's steps compiled from abstract shapes)
 
 GIB = 1024 ** 3
 # Two small shapes (name -> model, batch, prompt and new tokens): one where activations dominate the step's
@@ -108,44 +110,17 @@ def plan(analysis) -> dict:
 
 
 def compile_step(config, model_config, ref_params, mesh, reward_fn, concrete: bool):
-  """The train step as the trainer jits it (state donated), compiled; with `concrete`, also the state and frozen
-  inputs on the mesh (for timing). Returns `(compiled, estimate, (state, frozen) or None)`."""
-  optimizer = train_state.make_optimizer(config.optimizer)
-  frozen, initial, _ = (fine_tuning.setup(config, ref_params, model_config) if concrete else
-                        abstract_setup(config, ref_params))
-  init = functools.partial(train_state.create_train_state, optimizer=optimizer, seed=0)
-  state = jax.eval_shape(init, ref_params if initial is None else initial)
-  state_shardings = sharding.param_shardings(state, mesh)
-  frozen_shardings = sharding.param_shardings(frozen, mesh)
-  reward_shardings = sharding.param_shardings(reward_fn, mesh)
-  batch_sharding = sharding.batch_sharding(mesh, 2)
-  shape = (config.batch_size, config.data.prompt_len)
-  batch = {"prompts": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding),
-           "prompt_mask": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=batch_sharding)}
-  step = jax.jit(lambda reward, *args: train_step.make_train_step(config, model_config, reward, optimizer)(*args),
-                 in_shardings=(reward_shardings, state_shardings, frozen_shardings, {k: batch_sharding for k in batch}),
-                 out_shardings=(state_shardings, None), donate_argnums=1)
-  abstract = lambda tree, shardings: jax.tree.map(  # noqa: E731
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-  compiled = step.lower(abstract(reward_fn, reward_shardings), abstract(state, state_shardings),
-                        abstract(frozen, frozen_shardings), batch).compile()
-  estimate = memory_estimate.estimate_train_memory(config, model_config, frozen, optimizer, mesh, reward_fn, initial)
+  """The train step as the trainer compiles it (`trainer.compile_steps`, from abstract inputs:
+  `compiled_steps.compile_abstract`); with `concrete`, also the state and frozen inputs on the mesh, as
+  `trainer.sharded_train_state` places them (for timing). Returns `(compiled, estimate, (state, frozen) or None)`."""
+  steps = compiled_steps.compile_abstract(config, model_config, ref_params, reward_fn, mesh)
   inputs = None
   if concrete:
-    state = jax.jit(init, out_shardings=state_shardings)(ref_params if initial is None else initial)
-    inputs = (state, jax.device_put(frozen, frozen_shardings))
-  return compiled, estimate, inputs
-
-
-def abstract_setup(config, ref_params):
-  """`fine_tuning.setup` on abstract parameters (no fingerprint: nothing to read)."""
-  tuning = fine_tuning.from_config(config)
-  if isinstance(tuning, fine_tuning.FullFineTune):
-    return ref_params, None, None
-  initial = jax.eval_shape(lambda p: lora.init_adapter(p, tuning, jax.random.PRNGKey(0)), ref_params)
-  dtype = jnp.dtype(config.policy.dtype) if config.policy.lora.base_in_compute_dtype else None
-  base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype if dtype and x.ndim >= 2 else x.dtype), ref_params)
-  return lora.Frozen(base), initial, None
+    frozen, initial, _ = fine_tuning.setup(config, ref_params, model_config)
+    frozen, _, state, _ = trainer.sharded_train_state(config, frozen, train_state.make_optimizer(config.optimizer),
+                                                      mesh, initial)
+    inputs = (state, frozen)
+  return steps.train, steps.estimate, inputs
 
 
 def time_steps(compiled, reward_fn, inputs, batch, steps: int) -> float:
@@ -258,7 +233,7 @@ def lora_memory_row(model_config: ModelConfig, mesh_shape=(8, 1, 1), batch: int 
   reward_fn = (rewards.reward_model(reward_params, rm_config) if reward == "model" else
                rewards.token_reward(token_reward))
   if not compile_plan:
-    frozen, initial, _ = abstract_setup(config, ref_params)
+    frozen, initial = compiled_steps.abstract_setup(config, ref_params)
     estimate = memory_estimate.estimate_train_memory(config, model_config, frozen, train_state.make_optimizer(
         config.optimizer), mesh, reward_fn, initial)
     row = {}

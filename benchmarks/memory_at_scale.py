@@ -47,14 +47,12 @@ from bond_jax import memory_estimate  # pylint: disable=g-import-not-at-top
 from bond_jax import rewards  # pylint: disable=g-import-not-at-top
 from bond_jax import run_config  # pylint: disable=g-import-not-at-top
 from bond_jax import sharding  # pylint: disable=g-import-not-at-top
-from bond_jax import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
-from bond_jax import trainer  # pylint: disable=g-import-not-at-top
 from bond_jax.models import transformer  # pylint: disable=g-import-not-at-top
 from bond_jax.models.config import ModelConfig, Rotary  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
-import lora_step  # pylint: disable=g-import-not-at-top,wrong-import-position  (benchmarks/, the script's directory)
+import compiled_steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 import shipped_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GIB = 1024 ** 3
@@ -115,12 +113,6 @@ def measure(name: str, mesh_shape, hlo_dir: str = "") -> dict:
   reward_params = jax.eval_shape(lambda: transformer.cast_to_compute_dtype(
       transformer.init_params(reward_config, jax.random.key(1)), reward_config))
   reward_fn = rewards.reward_model(reward_params, reward_config)
-  optimizer = train_state_lib.make_optimizer(config.optimizer)
-  ref_params, initial, _ = lora_step.abstract_setup(config, ref_params)  # Under LoRA: the base and the adapters.
-  estimate = memory_estimate.estimate_train_memory(config, model_config, ref_params, optimizer, mesh, reward_fn,
-                                                   initial)
-  inputs = memory_estimate.abstract_step_inputs(config, ref_params, optimizer, mesh, reward_fn, initial)
-  batch_sharding = sharding.batch_sharding(mesh, 2)
   timings = {}
 
   def on_duration(event, seconds, **kwargs):
@@ -130,12 +122,11 @@ def measure(name: str, mesh_shape, hlo_dir: str = "") -> dict:
 
   jax.monitoring.register_event_duration_secs_listener(on_duration)
   start = time.perf_counter()
-  steps = trainer.compile_steps(config, model_config, inputs.reward_fn, optimizer, mesh, inputs.state,
-                                inputs.ref_params, inputs.param_shardings, inputs.state_shardings, batch_sharding,
-                                eval_prompts=None)
+  # Under LoRA the reference becomes the base and the state the adapters (`compiled_steps.abstract_setup`).
+  steps = compiled_steps.compile_abstract(config, model_config, ref_params, reward_fn, mesh)
   total_s = time.perf_counter() - start
   jax.monitoring.unregister_event_duration_listener(on_duration)
-  train, evaluate = steps.train.func, steps.evaluate.func
+  train, evaluate, estimate = steps.train, steps.evaluate, steps.estimate
   if hlo_dir:
     for step_name, compiled in (("train", train), ("eval", evaluate)):
       with open(os.path.join(hlo_dir, f"{name}_{row_mesh(config)}_{step_name}.hlo.txt"), "w", encoding="utf-8") as f:

@@ -71,8 +71,9 @@ class MemoryEstimate:
     kv_cache: the largest sampler KV cache (training or evaluation), of one inference micro-batch.
     activations: the largest forward (and backward) pass: the update (of one micro-batch, under the remat policy),
       or a forward-only pass of evaluation (of one inference micro-batch).
-    merged_params: LoRA: the step's merged kernels of the policy and the anchor (in the compute dtype) and the
-      gradient of the policy's (float32), each the size of the adapted kernels; 0 for a full fine-tune.
+    merged_params: LoRA: the step's copies of the adapted kernels (`_merged_bytes`: the policy's and the anchor's
+      merged kernels, the layer-stacked copies of three models', the kernels' gradient and, below float32, the
+      merge's float32 results); 0 for a full fine-tune.
   """
 
   reference_params: int
@@ -325,14 +326,27 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
 
 
 def _merged_bytes(policy: Any, adapter: Any, mesh: Mesh) -> int:
-  """Bytes per device of a LoRA step's merged kernels: the policy's and the anchor's, in the dtype of `policy` (the
-  merged policy), and the policy's gradient, in float32. Counted for every method: REINFORCE, which has no anchor,
-  was measured to hold as much (XLA's plan on CPU, float32)."""
+  """Bytes per device of a LoRA step's copies of the adapted kernels, which a full fine-tune reads from its
+  arguments instead, in the dtype of `policy` (the merged policy: the compute dtype) unless said:
+
+  - the policy's and the anchor's merged kernels, held from the merge to the update and the anchor's log-probs;
+  - the layer-stacked copies (`transformer.stack_layers`) that the passes over the layers make of the three models'
+    kernels: the policy's, the anchor's and the reference's (the base's);
+  - the policy's gradient with respect to its kernels, in float32;
+  - where the compute dtype is narrower than float32, the merge's float32 results of the policy and the anchor
+    (`lora.merge` adds in float32), which XLA stacks before it casts them.
+
+  Counted for every method: REINFORCE, which has no anchor, was measured to hold as much (XLA's plan on CPU,
+  float32). At Llama-3-8B's shapes (bfloat16, fsdp = 8) XLA's peak holds each of these (benchmarks/RESULTS.md,
+  "Memory estimate").
+  """
   adapted = {f"{module}/kernel" for module in traverse_util.flatten_dict(adapter, sep="/", is_leaf=lora.is_pair)}
   kernels = {path: leaf for path, leaf in traverse_util.flatten_dict(policy, sep="/").items() if path in adapted}
   in_float32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), kernels)
   shardings = sharding.param_shardings(kernels, mesh)
-  return 2 * per_device_bytes(kernels, shardings) + per_device_bytes(in_float32, shardings)
+  narrower = any(jnp.dtype(x.dtype).itemsize < _FLOAT32_BYTES for x in jax.tree.leaves(kernels))
+  return (5 * per_device_bytes(kernels, shardings)
+          + (3 if narrower else 1) * per_device_bytes(in_float32, shardings))
 
 
 class StepInputs(NamedTuple):

@@ -2,7 +2,7 @@
 samples and a whole train step; full-rank LoRA BOND reaches the exact Best-of-4 on the enumerable task; the step's
 adapter gradient matches finite differences; the anchor's adapter follows the EMA formula (and the periodic and
 fixed schedules); exports reload in transformers and peft with our logits; a run's checkpoints hold the adapters only
-and refuse another base; the memory estimate bounds XLA's plan of the LoRA step."""
+and refuse another base; the memory estimate counts the step's copies of the adapted kernels."""
 
 import dataclasses
 import functools
@@ -315,12 +315,12 @@ def test_adapters_are_sharded_over_fsdp_never_tensor(base):
       x, jax.sharding.PartitionSpec)))
 
 
-def test_memory_estimate_bounds_xla_plan_of_the_lora_step():
-  """BOND (Best-of-4 from 16 anchor samples) with LoRA, 1 prompt per device on an (8, 1, 1) mesh, a model whose
-  weights dominate (abstract: nothing is allocated): the state parts are the compiled step's arguments byte for byte
-  (adapters, their AdamW moments, the base), the merged kernels are counted (the policy's and the anchor's and the
-  policy's gradient, replicated over `data`), and the total bounds XLA's whole plan from above. Float32: XLA on CPU
-  computes bfloat16 matmuls in float32 copies of the weights."""
+def test_memory_estimate_counts_the_adapters_and_the_step_copies_of_the_adapted_kernels():
+  """BOND with LoRA on an (8, 1, 1) mesh (abstract: nothing is allocated): the trained state is the adapters and
+  their AdamW moments, the reference the base, and the step's copies of the adapted kernels are counted (float32
+  compute: the policy's and the anchor's merged kernels, three models' layer-stacked copies and the kernels'
+  gradient, replicated over `data`). The bound against XLA's plan of a LoRA step is test_memory_estimate's (its
+  "fsdp" case)."""
   config = lora_config(rank=8, **{"algorithm": "bond", "bond.n": 4, "bond.num_anchor_samples": 16, "batch_size": 8,
                                   "sampling.max_new_tokens": 12, "mesh_shape": (8, 1, 1)})
   model_config = config_lib.tiny(vocab_size=1024, num_layers=1, d_model=512, num_heads=8, num_kv_heads=4,
@@ -332,26 +332,9 @@ def test_memory_estimate_bounds_xla_plan_of_the_lora_step():
   optimizer = train_state.make_optimizer(config.optimizer)
   mesh = sharding.make_mesh(config.mesh_shape)
   estimate = memory_estimate.estimate_train_memory(config, model_config, frozen, optimizer, mesh, None, initial)
-  state = jax.eval_shape(lambda a: train_state.create_train_state(a, optimizer, config.seed), initial)
-  shardings = [sharding.param_shardings(tree, mesh) for tree in (state, frozen)]
-  batch_sharding = sharding.batch_sharding(mesh, 2)
-  batch = {k: jax.ShapeDtypeStruct((8, 3), v.dtype, sharding=batch_sharding) for k, v in BATCH.items()}
-  step = jax.jit(train_step.make_train_step(config, model_config, EVEN_TOKEN_REWARD, optimizer),
-                 in_shardings=(*shardings, {k: batch_sharding for k in batch}), out_shardings=(shardings[0], None),
-                 donate_argnums=0)
-  abstract = lambda tree, s: jax.tree.map(  # noqa: E731
-      lambda x, y: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=y), tree, s)
-  analysis = step.lower(abstract(state, shardings[0]), abstract(frozen, shardings[1]), batch).compile(
-      ).memory_analysis()
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
   assert estimate.reference_params == nbytes(frozen)
   assert estimate.policy_params == estimate.anchor_params == nbytes(initial) < nbytes(ref_params) / 10
-  assert analysis.argument_size_in_bytes == nbytes(frozen) + nbytes(state) + 8 * (4 + 1) * 3 // 8
-  planned = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-             - analysis.alias_size_in_bytes)
   adapted = lora.targeted_kernels(ref_params, tuple(config.policy.lora.targets))
   flat = traverse_util.flatten_dict(ref_params, sep="/")
-  assert estimate.merged_params == 3 * sum(nbytes(flat[path]) for path in adapted)
-  # 1.68x: at shapes this small the estimate's sum of parts (two models' decoding weights, the KV cache, the largest
-  # pass) over-counts what XLA holds at once (benchmarks/RESULTS.md, "Memory at scale").
-  assert planned <= estimate.total <= 2 * planned
+  assert estimate.merged_params == 6 * sum(nbytes(flat[path]) for path in adapted)
