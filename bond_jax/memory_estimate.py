@@ -2,13 +2,15 @@
 what the device has.
 
 The parts held between steps (reference, policy, anchor, optimizer state, reward-model weights) are exact: the
-bytes of each leaf's shard under the shardings the trainer gives it. The step's temporaries are modelled from the
-same shapes: the gradient (and, with micro-batches, its accumulator), the new policy, anchor and optimizer state
-(computed beside the old ones until the step's non-finite check picks one), the decoding weights (the policy in
-the compute dtype, its layers stacked and all-gathered over `fsdp`), the sampler's KV cache and the passes'
-activations (assumptions in `activation_bytes`: the remat policy, the micro-batches and the logits' chunks of
-`config.memory`). The total adds them all, although the sampler's cache is dead by the time the update runs: it is
-meant to over-count, so that a run refused here would not have fitted.
+bytes of each leaf's shard under the shardings the trainer gives it. The steps' temporaries are modelled from the
+same shapes: the gradient (and, with micro-batches, its accumulator), XLA's copies of the donated state, the
+decoding weights (the policy in the compute dtype, its layers stacked and all-gathered over `fsdp`), the sampler's
+KV cache, under LoRA the step's copies of the adapted kernels, and the largest pass's activations (assumptions in
+`activation_bytes`: the remat policy, the micro-batches and the logits' chunks of `config.memory`; a reward
+model's pass too). The total adds them all, bounding both the train and the evaluation step, although the
+sampler's cache is dead by the time the update runs: it is meant to over-count, so that a run refused here would
+not have fitted. Measured against XLA's plans (`planned_bytes`): 1.05-1.4x at 2B-8B shapes, 1.2-1.8x at the
+tests' 2-layer shapes (benchmarks/RESULTS.md, "Memory estimate").
 
 Example:
   >>> from bond_jax import run_config, sharding, train_state
@@ -70,7 +72,8 @@ class MemoryEstimate:
       reward model's layers stacked for its pass.
     kv_cache: the largest sampler KV cache (training or evaluation), of one inference micro-batch.
     activations: the largest forward (and backward) pass: the update (of one micro-batch, under the remat policy),
-      or a forward-only pass of evaluation (of one inference micro-batch).
+      a forward-only pass of the policy (of one inference micro-batch: training's log-probs, evaluation's KL under
+      two models), or a reward model's forward over the samples it scores at once (with its KV cache).
     merged_params: LoRA: the step's copies of the adapted kernels (`_merged_bytes`: the policy's and the anchor's
       merged kernels, the layer-stacked copies of three models', the kernels' gradient and, below float32, the
       merge's float32 results); 0 for a full fine-tune.
@@ -178,34 +181,36 @@ def kv_cache_bytes(model_config: ModelConfig, rows: int, slots: int, tensor: int
   return rows * slots * (per_slot * model_config.compute_dtype.itemsize + 1)
 
 
-def activation_bytes(model_config: ModelConfig, rows: int, seq_len: int, head_len: int, tensor: int,
-                     backward: bool, remat: str = "none", models: int = 1) -> int:
-  """Upper-bound bytes of one pass of the policy over `rows` sequences of `seq_len` tokens, per device.
+def activation_bytes(model_config: ModelConfig, prompts: int, samples: int, prompt_len: int, new_tokens: int,
+                     tensor: int, backward: bool, remat: str = "none", models: int = 1) -> int:
+  """Upper-bound bytes of one pass of the policy over `samples` generations of each of `prompts` prompts, per device.
 
-  It bounds `sampling.generation_log_probs` however that lays the tokens out: a sequence per sample, or each
-  prompt once and then the generations over its cache (fewer tokens and shorter rows of attention scores).
+  The tokens are laid out as `sampling.generation_log_probs` lays them out: each prompt once (`prompt_len` tokens
+  attending to at most `prompt_len`), then every sample's generation over the prompt's cache (`new_tokens`
+  tokens attending to at most `prompt_len + new_tokens`).
 
   Assumptions, per token and per layer (c: bytes of the compute dtype): the residual stream before attention
   and before the MLP and both RMSNorm outputs (4 d c), the norms' float32 inputs (2 d 4); q, k and v before and
   after rotary embedding, in float32 (4 (2 heads + 3 kv_heads) head_dim); the attention output (heads
   head_dim c); gate, up, activation and their product (4 mlp_dim c); attention scores and probabilities
-  `[heads, seq_len]` in float32 (2 heads seq_len 4). The head adds the final norm (d c) and four float32 copies
-  of the logits (the logits, their exponent for the log-softmax, their cotangent and a re-laid-out copy, as
-  XLA keeps them) of one chunk of positions (`sampling.LOGITS_CHUNK_BYTES`), per model scored (`models`: 2 for
-  the KL of evaluation). Heads, MLP and vocabulary are divided by the `tensor` axis where it divides them, as
-  `sharding.ACTIVATION_RULES` shard them.
+  `[heads, attended]` in float32 (2 heads attended 4). The head adds, for each sample's `new_tokens + 1`
+  predicting positions, the final norm (d c) and four float32 copies of the logits (the logits, their exponent
+  for the log-softmax, their cotangent and a re-laid-out copy, as XLA keeps them) of one chunk of positions
+  (`sampling.LOGITS_CHUNK_BYTES`), per model scored (`models`: 2 for the KL of evaluation). Heads, MLP and
+  vocabulary are divided by the `tensor` axis where it divides them, as `sharding.ACTIVATION_RULES` shard them.
 
   With `backward`, what `remat` (`config.REMAT_POLICIES`) keeps of every layer stays live for the backward pass
   ("none": all of the above; "block": the layer's input, `d c`; "matmuls": the outputs of its weight matmuls,
   `((heads + 2 kv_heads) head_dim + 2 d + 2 mlp_dim) c`), and one more layer's worth holds the cotangents being
-  computed (two with remat: and the layer being recomputed); without it (a forward under `stop_gradient` or evaluation), one
-  layer's are live at a time and three logit copies.
+  computed (two with remat: and the layer being recomputed); without it (a forward under `stop_gradient` or
+  evaluation), one layer's are live at a time and three logit copies.
 
   Args:
     model_config: the policy's config.
-    rows: sequences on this device (prompts per device x samples per prompt, of one micro-batch).
-    seq_len: prompt_len + max_new_tokens.
-    head_len: positions that go through the vocabulary head (at most max_new_tokens + 1).
+    prompts: prompts on this device (of one micro-batch).
+    samples: generations per prompt.
+    prompt_len: tokens per prompt.
+    new_tokens: tokens per generation (`max_new_tokens`).
     tensor: size of the mesh's `tensor` axis.
     backward: whether the pass is differentiated.
     remat: the remat policy of a differentiated pass.
@@ -213,8 +218,8 @@ def activation_bytes(model_config: ModelConfig, rows: int, seq_len: int, head_le
 
   Example:
     >>> from bond_jax.models.config import tiny
-    >>> kept = lambda remat: activation_bytes(tiny(), rows=4, seq_len=8, head_len=5, tensor=1, backward=True,
-    ...                                       remat=remat)
+    >>> kept = lambda remat: activation_bytes(tiny(), prompts=2, samples=2, prompt_len=4, new_tokens=4, tensor=1,
+    ...                                       backward=True, remat=remat)
     >>> kept("none") > kept("matmuls") > kept("block")
     True
   """
@@ -222,23 +227,55 @@ def activation_bytes(model_config: ModelConfig, rows: int, seq_len: int, head_le
   d = model_config.d_model
   heads, kv_heads = _split(model_config.num_heads, tensor), _split(model_config.num_kv_heads, tensor)
   mlp = _split(model_config.mlp_dim, tensor)
-  per_token = (4 * d * c + 2 * d * _FLOAT32_BYTES
-               + (2 * heads + 3 * kv_heads) * model_config.head_dim * _FLOAT32_BYTES
-               + heads * model_config.head_dim * c
-               + 4 * mlp * c
-               + 2 * heads * seq_len * _FLOAT32_BYTES)
-  layer = rows * seq_len * per_token
-  kept_per_token = {"none": per_token, "block": d * c,
-                    "matmuls": ((heads + 2 * kv_heads) * model_config.head_dim + 2 * d + 2 * mlp) * c}[remat]
+  per_token = lambda attended: (  # noqa: E731
+      4 * d * c + 2 * d * _FLOAT32_BYTES
+      + (2 * heads + 3 * kv_heads) * model_config.head_dim * _FLOAT32_BYTES
+      + heads * model_config.head_dim * c
+      + 4 * mlp * c
+      + 2 * heads * attended * _FLOAT32_BYTES)
+  rows, generated = prompts * samples, prompts * samples * new_tokens
+  tokens = prompts * prompt_len + generated
+  layer = prompts * prompt_len * per_token(prompt_len) + generated * per_token(prompt_len + new_tokens)
+  kept = {"none": layer, "block": tokens * d * c,
+          "matmuls": tokens * ((heads + 2 * kv_heads) * model_config.head_dim + 2 * d + 2 * mlp) * c}[remat]
   vocab = _split(model_config.vocab_size, tensor)
+  head_len = new_tokens + 1
   # Positions per chunk, as `sampling._position_chunk` picks them (rows already this device's).
   chunk = max(1, min(head_len, sampling.LOGITS_CHUNK_BYTES // max(models * rows * vocab * _FLOAT32_BYTES, 1)))
   logit_copies = 4 if backward else 3
   head = rows * (head_len * d * c + models * chunk * logit_copies * vocab * _FLOAT32_BYTES)
   if backward:
     working = 1 if remat == "none" else 2  # the cotangents being computed, and the layer being recomputed
-    return model_config.num_layers * rows * seq_len * kept_per_token + working * layer + head
+    return model_config.num_layers * kept + working * layer + head
   return layer + head
+
+
+def _reward_model_config(reward_fn: RewardFn | None) -> ModelConfig | None:
+  """The shapes of the transformer a reward holds (`rewards.reward_model`'s weights, `transformer.init_params`'s
+  tree), read from its weights, computing in their dtype, with its score head as the vocabulary; None for a reward
+  without such weights."""
+  params = reward_fn.args[0] if reward_fn is not None and reward_fn.args else None
+  if not isinstance(params, dict) or "layer_0" not in params or "score" not in params:
+    return None
+  attn, mlp = params["layer_0"]["attn"], params["layer_0"]["mlp"]
+  d_model, num_heads, head_dim = attn["q"]["kernel"].shape
+  layers = sum(1 for key in params if key.startswith("layer_"))
+  return ModelConfig(vocab_size=params["score"]["kernel"].shape[-1], num_layers=layers, d_model=d_model,
+                     num_heads=num_heads, num_kv_heads=attn["k"]["kernel"].shape[1], head_dim=head_dim,
+                     mlp_dim=mlp["up"]["kernel"].shape[-1], max_seq_len=1,
+                     dtype=jnp.dtype(attn["q"]["kernel"].dtype).name)
+
+
+def _reward_pass_bytes(reward_fn: RewardFn | None, prompts: int, samples: int, prompt_len: int, new_tokens: int,
+                       tensor: int) -> int:
+  """Bytes per device of a reward model's forward over `samples` generations of each of `prompts` prompts
+  (`sampling.outputs_after_prompts`: the activations as `activation_bytes` bounds them, and the KV cache of every
+  sample's prompt and generation); 0 for a reward without a model."""
+  reward_config = _reward_model_config(reward_fn)
+  if reward_config is None:
+    return 0
+  return (activation_bytes(reward_config, prompts, samples, prompt_len, new_tokens, tensor, backward=False)
+          + kv_cache_bytes(reward_config, prompts * samples, prompt_len + new_tokens, tensor))
 
 
 def estimate_train_memory(config: ml_collections.ConfigDict, model_config: ModelConfig, ref_params: Any,
@@ -252,11 +289,12 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   (`algorithm.sample_counts()`), and evaluation's `eval.num_policy_samples` policy samples and
   `eval.num_ref_samples` reference samples, of one inference micro-batch (`config.memory.inference_micro_batches`).
   The activations are the largest of: the update's forward and backward over the policy samples and the Best-of-n
-  anchor samples of one micro-batch (`config.memory.micro_batches`) under `config.memory.remat`, and the
-  forward-only passes of the log-probs (training's over the policy samples, evaluation's KL over its policy samples
-  under two models). The reference of a full fine-tune is held in the compute dtype (`config.policy.dtype`), as the trainer holds
+  anchor samples of one micro-batch (`config.memory.micro_batches`) under `config.memory.remat`, the forward-only
+  passes of the log-probs (training's over the policy samples, evaluation's KL over its policy samples under two
+  models), and a reward model's forward over the most samples per prompt that a step scores (its shapes read from
+  its weights). One estimate bounds both the train and the evaluation step. The reference of a full fine-tune is held in the compute dtype (`config.policy.dtype`), as the trainer holds
   it; under LoRA the frozen base is as `fine_tuning.setup` made it.
-  Not counted: a reward model's own activations, and the exact evaluation of `config.exact`.
+  Not counted: the exact evaluation of `config.exact`.
 
   Args:
     config: a validated run config.
@@ -301,8 +339,8 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   num_eval_policy = config.eval.num_policy_samples
   most_samples = max(num_policy, num_anchor, num_eval_policy, config.eval.num_ref_samples)
   tensor = mesh.shape.get("tensor", 1)
-  passes = functools.partial(activation_bytes, model_config, seq_len=prompt_len + new_tokens,
-                             head_len=new_tokens + 1, tensor=tensor)
+  passes = functools.partial(activation_bytes, model_config, prompt_len=prompt_len, new_tokens=new_tokens,
+                             tensor=tensor)
   gradients = state_bytes("params") * (2 if config.memory.micro_batches > 1 else 1)  # the sum and one part's
   return MemoryEstimate(
       reference_params=per_device_bytes(frozen, sharding.param_shardings(frozen, mesh)),
@@ -318,9 +356,10 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
       decoding_params=2 * fsdp_gathered_bytes(decoding, mesh) + reward_bytes,
       kv_cache=kv_cache_bytes(model_config, inference_prompts * most_samples, prompt_len + new_tokens - 1, tensor),
       activations=max(
-          passes(rows=update_prompts * (num_policy + num_best), backward=True, remat=config.memory.remat),
-          passes(rows=inference_prompts * num_policy, backward=False),
-          passes(rows=inference_prompts * num_eval_policy, backward=False, models=2)),
+          passes(update_prompts, num_policy + num_best, backward=True, remat=config.memory.remat),
+          passes(inference_prompts, num_policy, backward=False),
+          passes(inference_prompts, num_eval_policy, backward=False, models=2),
+          _reward_pass_bytes(reward_fn, inference_prompts, most_samples, prompt_len, new_tokens, tensor)),
       merged_params=0 if initial is None else _merged_bytes(policy, state.params, mesh),
   )
 
