@@ -9,12 +9,13 @@ Memory (`python benchmarks/lora_step.py --part fit`, figures in benchmarks/RESUL
 is the adapters (168M parameters: with the anchor's adapter and AdamW's moments 2.5 GiB in all, where a full
 fine-tune's policy, anchor and moments take 120 GiB), and one bfloat16 copy of the base (`base_in_compute_dtype`,
 15 GiB) serves the policy, the anchor and the reference. The mesh shards over `fsdp` (ZeRO): each step also holds
-merged copies of the adapted kernels for the policy and the anchor and the policy's full-size kernel gradient
-(52 GiB whole, 6.5 GiB per device over fsdp = 8; data parallel would replicate them and cannot fit 80 GB).
+merged copies of the adapted kernels for the policy and the anchor, the layer-stacked copies its passes make of
+three models' kernels, and the policy's full-size kernel gradient (17.9 GiB per device over fsdp = 8 as the
+estimate counts them, with the merge's float32 results; data parallel would replicate them and cannot fit 80 GB).
 It fits 8 x 80 GB at batch 128 with the settings marked "Fits" below: `python benchmarks/memory_at_scale.py
 --models llama3_8b_lora` compiles its train and evaluation steps from shapes alone; XLA plans 57.1 and 45.7 GiB per
-device (the full fine-tune of configs/llama3_8b_jbond.py: 74.0). The run's estimate (49.4 GiB) is below that plan
-under LoRA (benchmarks/RESULTS.md), so the run's own check is not a bound for this config.
+device (the full fine-tune of configs/llama3_8b_jbond.py: 74.0). The run's estimate, 60.9 GiB, bounds that plan
+(1.07x; benchmarks/RESULTS.md, "Memory estimate").
 
 Settings from the paper where it has them (arXiv 2407.14622, section 5: beta 0.5, eta 0.02, 128 prompts per batch,
 100 warm-up steps); ours: LoRA's rank 64, alpha 128 and a learning rate of 5e-5 (adapters take a larger rate than
