@@ -1,6 +1,7 @@
-"""The memory estimate against XLA's own accounting of the compiled train step: the state parts equal the step's
-arguments byte for byte, and the total bounds the step's whole footprint from above, within a band; the KV cache
-against its closed form; and a run that cannot fit stops before compiling, in one line from the run script."""
+"""The memory estimate against XLA's own accounting of the train and evaluation steps as the trainer compiles them,
+on data, fsdp, tensor and mixed meshes: the state parts equal the train step's arguments byte for byte, and the
+total bounds the larger step's whole footprint from above, within a band; the KV cache against its closed form;
+and a run that cannot fit stops before compiling, in one line from the run script."""
 
 import dataclasses
 import os
