@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -364,18 +364,27 @@ def _position_chunk(rows: int, time: int, vocab: int, models: int = 1) -> int:
   return max(1, min(time, LOGITS_CHUNK_BYTES // max(per_position, 1)))
 
 
-def _over_position_chunks(fn, chunk: int, *arrays: jax.Array) -> jax.Array:
-  """`fn(*arrays)` for `fn` position-wise along axis 1 (`[rows, time, ...]` -> `[rows, time]`), run over chunks of
-  `chunk` positions one after the other, each rematerialised in a backward pass: the vocabulary-sized logits
-  inside `fn` exist for one chunk at a time, never for the whole `[rows, time, vocab]`."""
-  rows, time = arrays[0].shape[:2]
+def _over_position_chunks(fn, chunk: int, heads: Any, *arrays: jax.Array) -> jax.Array:
+  """`fn(heads, *arrays)` for `fn` position-wise along axis 1 of `arrays` (`[rows, time, ...]` -> `[rows, time]`),
+  run over chunks of `chunk` positions one after the other, each rematerialised in a backward pass: the
+  vocabulary-sized logits inside `fn` exist for one chunk at a time, never for the whole `[rows, time, vocab]`.
+
+  Each device loops over its own rows (`sharding.over_batch_shards`), so in a backward pass the gradient of the
+  gathered `heads` accumulates on the device over the chunks and is reduced over the batch axes once, after the
+  loop; under XLA's partitioning it would be all-reduced whole at every chunk."""
+  time = arrays[0].shape[1]
   if chunk >= time:
-    return fn(*arrays)
+    return fn(heads, *arrays)
   chunks = -(-time // chunk)
-  parts = [jnp.pad(a, [(0, 0), (0, chunks * chunk - time)] + [(0, 0)] * (a.ndim - 2))
-           .reshape((rows, chunks, chunk) + a.shape[2:]).swapaxes(0, 1) for a in arrays]
-  out = lax.map(jax.checkpoint(lambda xs: fn(*xs), prevent_cse=False), parts)
-  return out.swapaxes(0, 1).reshape(rows, chunks * chunk)[:, :time]
+
+  def loop(heads, arrays):
+    rows = arrays[0].shape[0]
+    parts = [jnp.pad(a, [(0, 0), (0, chunks * chunk - time)] + [(0, 0)] * (a.ndim - 2))
+             .reshape((rows, chunks, chunk) + a.shape[2:]).swapaxes(0, 1) for a in arrays]
+    out = lax.map(jax.checkpoint(lambda xs: fn(heads, *xs), prevent_cse=False), parts)
+    return out.swapaxes(0, 1).reshape(rows, chunks * chunk)[:, :time]
+
+  return sharding.over_batch_shards(loop, heads, arrays)
 
 
 def _predicting_hidden(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
@@ -447,12 +456,12 @@ def _generation_log_probs(params: Params, model_config: ModelConfig, prompts: ja
   hidden = _predicting_hidden(params, model_config, prompts, prompt_mask, tokens, mask)
   head = head_params(outer_params_after(params, hidden))  # gathered once the layers ran, outside the chunks' loop
 
-  def log_probs_of(hidden, tokens):
+  def log_probs_of(head, hidden, tokens):
     logits = _distribution_logits(head, model_config, hidden, sampling_config)
     return jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 
   chunk = _position_chunk(batch * samples, time, model_config.vocab_size)
-  log_probs = _over_position_chunks(log_probs_of, chunk, hidden, tokens.reshape(-1, time))
+  log_probs = _over_position_chunks(log_probs_of, chunk, head, hidden, tokens.reshape(-1, time))
   return jnp.where(mask.reshape(-1, time).astype(bool), log_probs, 0.0).reshape(batch, samples, time)
 
 
@@ -509,7 +518,7 @@ def _generation_kl(params: Params, other_params: Params, model_config: ModelConf
   hidden = [_predicting_hidden(p, model_config, prompts, prompt_mask, tokens, mask) for p in (params, other_params)]
   heads = [head_params(outer_params_after(p, hidden)) for p in (params, other_params)]
 
-  def kl_of(hidden_p, hidden_q):
+  def kl_of(heads, hidden_p, hidden_q):
     log_p, log_q = (jax.nn.log_softmax(_distribution_logits(head, model_config, h, sampling_config), axis=-1)
                     for head, h in zip(heads, (hidden_p, hidden_q)))
     probs = jnp.exp(log_p)
@@ -517,7 +526,7 @@ def _generation_kl(params: Params, other_params: Params, model_config: ModelConf
     return jnp.sum(jnp.where(probs > 0, probs * (log_p - log_q), 0.0), axis=-1)
 
   chunk = _position_chunk(batch * samples, time, model_config.vocab_size, models=2)
-  per_position = _over_position_chunks(kl_of, chunk, *hidden)
+  per_position = _over_position_chunks(kl_of, chunk, heads, *hidden)
   per_position = jnp.where(mask.reshape(-1, time).astype(bool), per_position, 0.0)
   return jnp.sum(per_position, axis=-1).reshape(batch, samples)
 

@@ -207,3 +207,32 @@ def test_logits_in_chunks_equal_whole(components, monkeypatch):
   assert_trees_close(grads, whole[1], rtol=1e-4, atol=1e-5 * scale)  # Sums over chunks round differently.
   for fn in (sampling.generation_log_probs, sampling.generation_kl):
     fn.clear_cache()
+
+
+def test_chunked_log_prob_gradient_reduces_the_head_once_under_fsdp(components, monkeypatch):
+  """Under fsdp=8 the gradient of log-probs computed over chunks of positions equals the unsplit one, and moves no
+  more collective bytes: the gathered head's gradient is reduced once after the chunks' loop, not at every chunk."""
+  params, _, batch = components
+  out = sampling.sample(params, batch["prompts"], batch["prompt_mask"], jax.random.key(3),
+                        sampling.SamplingConfig(max_new_tokens=7, num_samples=2), MODEL)
+  mesh = sharding.make_mesh((1, 8, 1))
+  params = jax.device_put(params, sharding.param_shardings(params, mesh))
+  args = jax.device_put((batch["prompts"], batch["prompt_mask"], out.tokens, out.mask),
+                        (sharding.batch_sharding(mesh, 2),) * 2 + (sharding.batch_sharding(mesh, 3),) * 2)
+
+  def gradient_and_collective_bytes():
+    sampling.generation_log_probs.clear_cache()
+    with jax.set_mesh(mesh):
+      compiled = jax.jit(jax.grad(lambda p: jnp.sum(sampling.generation_log_probs(p, MODEL, *args)))).lower(
+          params).compile()
+      return compiled(params), hlo_collectives.summarize(compiled.as_text()).total_bytes
+
+  whole, whole_bytes = gradient_and_collective_bytes()
+  monkeypatch.setattr(sampling, "LOGITS_CHUNK_BYTES", 1)  # One position per chunk: 7 chunks.
+  chunked, chunked_bytes = gradient_and_collective_bytes()
+  sampling.generation_log_probs.clear_cache()
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(whole))
+  assert_trees_close(chunked, whole, rtol=1e-4, atol=1e-5 * scale)
+  head_bytes = MODEL.vocab_size * MODEL.d_model * 4
+  assert whole_bytes > head_bytes  # The weights are gathered and their gradients reduced.
+  assert chunked_bytes <= whole_bytes + head_bytes  # Not 7 reductions of the head's gradient.

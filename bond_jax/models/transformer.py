@@ -362,8 +362,8 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: j
     raise ValueError(f"output_start={output_start} must lie in [0, time={tokens.shape[1]}).")
   attention_mask = attention_mask.astype(bool)
   stacked = stack_layers(params, config)
-  outer = head_params(stacked)
-  x = _residual(_embedder(config).apply({"params": outer["embedder"]}, tokens))
+  # The table stays sharded for the lookup: XLA moves the looked-up rows, not the table.
+  x = _residual(_embedder(config).apply({"params": stacked["embedder"]}, tokens))
   if config.embed_scale:
     x = x * jnp.asarray(math.sqrt(config.d_model), config.compute_dtype)
 
@@ -379,6 +379,7 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: j
     cache = Cache(kv(write(cache.k, new_kv[0])), kv(write(cache.v, new_kv[1])),
                   sharding.constrain(key_mask, "batch", None), cache.index + tokens.shape[1])
 
+  outer = head_params(stacked)
   x = _norm(config, None).apply({"params": outer["final_norm"]}, x[:, output_start:])
   return (x if hidden else head_outputs(outer, config, x)), cache
 
@@ -395,21 +396,29 @@ def outer_params_after(params: Params, value: Any) -> Params:
     >>> bool(jnp.all(outer_params_after(params, jnp.ones(2))["lm_head"]["kernel"] == params["lm_head"]["kernel"]))
     True
   """
-  outer = {key: value for key, value in params.items() if not _is_layer(key) and key != LAYERS}
-  return params | sharding.params_after(outer, value)
+  return params | sharding.params_after(_outer(params), value)
+
+
+def _outer(params: Params) -> Params:
+  return {key: value for key, value in params.items() if not _is_layer(key) and key != LAYERS}
 
 
 def head_params(params: Params) -> Params:
-  """The parameters outside the layers (embedding, final norm, head), all-gathered over `fsdp` on a mesh: what
-  `head_outputs` reads, gathered once ahead of a loop that calls it many times.
+  """The parameters after the layers (final norm, and the head: the embedding where the model ties them),
+  all-gathered over `fsdp` on a mesh: what `head_outputs` reads, gathered once ahead of a loop that calls it many
+  times. An untied model's input embedding is left out: a pass's lookup reads it sharded.
 
   Example:
     >>> from bond_jax.models.config import tiny
     >>> sorted(head_params(init_params(tiny(), jax.random.key(0))))
-    ['embedder', 'final_norm', 'lm_head']
+    ['final_norm', 'lm_head']
+    >>> sorted(head_params(init_params(tiny(tie_embeddings=True), jax.random.key(0))))
+    ['embedder', 'final_norm']
   """
-  return sharding.gather_over_fsdp({key: value for key, value in params.items() if not _is_layer(key)
-                                    and key != LAYERS})
+  outer = _outer(params)
+  if set(outer) - {"embedder", "final_norm"}:  # A head of its own.
+    outer.pop("embedder")
+  return sharding.gather_over_fsdp(outer)
 
 
 def head_outputs(params: Params, config: ModelConfig, hidden_states: jax.Array) -> jax.Array:
@@ -494,7 +503,8 @@ def decoding_params(params: Params, config: ModelConfig) -> Params:
     dtype(bfloat16)
   """
   stacked = stack_layers(cast_to_compute_dtype(params, config), config)
-  return head_params(stacked) | {LAYERS: sharding.gather_over_fsdp(stacked[LAYERS], layer_axis=True)}
+  return sharding.gather_over_fsdp(_outer(stacked)) | {LAYERS: sharding.gather_over_fsdp(stacked[LAYERS],
+                                                                                        layer_axis=True)}
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
