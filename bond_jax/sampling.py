@@ -31,8 +31,9 @@ import jax.numpy as jnp
 from bond_jax import micro_batching
 from bond_jax import sharding
 from bond_jax.models.config import ModelConfig
-from bond_jax.models.transformer import (Cache, Params, decoding_params, forward, head_outputs, head_params,
-                                         init_cache, outer_params_after, positions_from_mask)
+from bond_jax.models.transformer import (Cache, Params, decoding_params, forward, forward_after_prompts,
+                                         head_outputs, head_params, init_cache, outer_params_after,
+                                         positions_from_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,10 +309,11 @@ def outputs_after_prompts(params: Params, model_config: ModelConfig, prompts: ja
                           tokens: jax.Array, mask: jax.Array, hidden: bool = False) -> jax.Array:
   """The model's outputs after each prompt and at each of its samples' tokens, every prompt run only once.
 
-  Each prompt (packed left, as in `sample`) runs into a KV cache that its samples share; then all the samples'
-  tokens run in one forward over it. A sample's tokens thus attend to its prompt and to its own earlier tokens,
-  exactly as if prompt and sample were one sequence (`batch * prompt_len + batch * samples * time` tokens through
-  the layers rather than `batch * samples * (prompt_len + time)`).
+  Each prompt (packed left, as in `sample`) and its samples' tokens run in one pass of the layers
+  (`transformer.forward_after_prompts`): in each layer the prompt runs once and its keys and values are shared by
+  its samples, whose tokens thus attend to their prompt and to their own earlier tokens, exactly as if prompt and
+  sample were one sequence (`batch * prompt_len + batch * samples * time` tokens through the layers rather than
+  `batch * samples * (prompt_len + time)`), each layer's weights gathered once.
 
   Args:
     params: the model's parameters (head "lm" or "score").
@@ -343,13 +345,13 @@ def outputs_after_prompts(params: Params, model_config: ModelConfig, prompts: ja
                      f"{model_config.max_seq_len}.")
   # The embedding and head are gathered when this pass runs, after the tokens it reads exist.
   params = outer_params_after(params, tokens if tokens.size else prompts)
-  first, positions, cache = _prefill(params, model_config, prompts, prompt_mask, samples, time + 1, hidden)
   if time == 0:
-    return first[:, None]
-  fed_positions = positions[:, None] + jnp.arange(time, dtype=jnp.int32)
-  rest, _ = forward(params, model_config, tokens.reshape(batch * samples, time), fed_positions,
-                    mask.reshape(batch * samples, time).astype(bool), cache, hidden=hidden)
-  return jnp.concatenate([first[:, None], rest], axis=1)
+    return _prefill(params, model_config, prompts, prompt_mask, samples, 1, hidden)[0][:, None]
+  prompts, prompt_mask = to_left_padding(prompts, prompt_mask.astype(bool))
+  positions = jnp.repeat(prompt_mask.sum(axis=-1, dtype=jnp.int32), samples)[:, None] + jnp.arange(time)
+  last, rest = forward_after_prompts(params, model_config, prompts, prompt_mask, tokens.reshape(-1, time),
+                                     positions, mask.reshape(-1, time), hidden)
+  return jnp.concatenate([jnp.repeat(last, samples, axis=0)[:, None], rest], axis=1)
 
 
 # The float32 logits one chunk of positions may take per device (`_over_position_chunks`).
@@ -369,9 +371,11 @@ def _over_position_chunks(fn, chunk: int, heads: Any, *arrays: jax.Array) -> jax
   run over chunks of `chunk` positions one after the other, each rematerialised in a backward pass: the
   vocabulary-sized logits inside `fn` exist for one chunk at a time, never for the whole `[rows, time, vocab]`.
 
-  Each device loops over its own rows (`sharding.over_batch_shards`), so in a backward pass the gradient of the
-  gathered `heads` accumulates on the device over the chunks and is reduced over the batch axes once, after the
-  loop; under XLA's partitioning it would be all-reduced whole at every chunk."""
+  With float32 `heads` (a trained policy's), each device loops over its own rows (`sharding.over_batch_shards`),
+  so in a backward pass their gradient accumulates on the device over the chunks and is reduced over the batch
+  axes once, after the loop; under XLA's partitioning it is all-reduced whole at every chunk. Other heads (frozen
+  models' in the compute dtype) stay in XLA's loop: XLA's CPU compiler fails on the bfloat16 reduction that a
+  shard_map's backward pass would add (`AllReducePromotion`: "Invalid binary instruction opcode copy")."""
   time = arrays[0].shape[1]
   if chunk >= time:
     return fn(heads, *arrays)
@@ -384,7 +388,9 @@ def _over_position_chunks(fn, chunk: int, heads: Any, *arrays: jax.Array) -> jax
     out = lax.map(jax.checkpoint(lambda xs: fn(heads, *xs), prevent_cse=False), parts)
     return out.swapaxes(0, 1).reshape(rows, chunks * chunk)[:, :time]
 
-  return sharding.over_batch_shards(loop, heads, arrays)
+  if all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(heads)):
+    return sharding.over_batch_shards(loop, heads, arrays)
+  return loop(heads, arrays)
 
 
 def _predicting_hidden(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
