@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -31,8 +31,9 @@ import jax.numpy as jnp
 from bond_jax import micro_batching
 from bond_jax import sharding
 from bond_jax.models.config import ModelConfig
-from bond_jax.models.transformer import (Cache, Params, decoding_params, forward, head_outputs, head_params,
-                                         init_cache, outer_params_after, positions_from_mask)
+from bond_jax.models.transformer import (Cache, Params, decoding_params, forward, forward_after_prompts,
+                                         head_outputs, head_params, init_cache, outer_params_after,
+                                         positions_from_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,10 +309,11 @@ def outputs_after_prompts(params: Params, model_config: ModelConfig, prompts: ja
                           tokens: jax.Array, mask: jax.Array, hidden: bool = False) -> jax.Array:
   """The model's outputs after each prompt and at each of its samples' tokens, every prompt run only once.
 
-  Each prompt (packed left, as in `sample`) runs into a KV cache that its samples share; then all the samples'
-  tokens run in one forward over it. A sample's tokens thus attend to its prompt and to its own earlier tokens,
-  exactly as if prompt and sample were one sequence (`batch * prompt_len + batch * samples * time` tokens through
-  the layers rather than `batch * samples * (prompt_len + time)`).
+  Each prompt (packed left, as in `sample`) and its samples' tokens run in one pass of the layers
+  (`transformer.forward_after_prompts`): in each layer the prompt runs once and its keys and values are shared by
+  its samples, whose tokens thus attend to their prompt and to their own earlier tokens, exactly as if prompt and
+  sample were one sequence (`batch * prompt_len + batch * samples * time` tokens through the layers rather than
+  `batch * samples * (prompt_len + time)`), each layer's weights gathered once.
 
   Args:
     params: the model's parameters (head "lm" or "score").
@@ -343,13 +345,13 @@ def outputs_after_prompts(params: Params, model_config: ModelConfig, prompts: ja
                      f"{model_config.max_seq_len}.")
   # The embedding and head are gathered when this pass runs, after the tokens it reads exist.
   params = outer_params_after(params, tokens if tokens.size else prompts)
-  first, positions, cache = _prefill(params, model_config, prompts, prompt_mask, samples, time + 1, hidden)
   if time == 0:
-    return first[:, None]
-  fed_positions = positions[:, None] + jnp.arange(time, dtype=jnp.int32)
-  rest, _ = forward(params, model_config, tokens.reshape(batch * samples, time), fed_positions,
-                    mask.reshape(batch * samples, time).astype(bool), cache, hidden=hidden)
-  return jnp.concatenate([first[:, None], rest], axis=1)
+    return _prefill(params, model_config, prompts, prompt_mask, samples, 1, hidden)[0][:, None]
+  prompts, prompt_mask = to_left_padding(prompts, prompt_mask.astype(bool))
+  positions = jnp.repeat(prompt_mask.sum(axis=-1, dtype=jnp.int32), samples)[:, None] + jnp.arange(time)
+  last, rest = forward_after_prompts(params, model_config, prompts, prompt_mask, tokens.reshape(-1, time),
+                                     positions, mask.reshape(-1, time), hidden)
+  return jnp.concatenate([jnp.repeat(last, samples, axis=0)[:, None], rest], axis=1)
 
 
 # The float32 logits one chunk of positions may take per device (`_over_position_chunks`).
@@ -364,18 +366,31 @@ def _position_chunk(rows: int, time: int, vocab: int, models: int = 1) -> int:
   return max(1, min(time, LOGITS_CHUNK_BYTES // max(per_position, 1)))
 
 
-def _over_position_chunks(fn, chunk: int, *arrays: jax.Array) -> jax.Array:
-  """`fn(*arrays)` for `fn` position-wise along axis 1 (`[rows, time, ...]` -> `[rows, time]`), run over chunks of
-  `chunk` positions one after the other, each rematerialised in a backward pass: the vocabulary-sized logits
-  inside `fn` exist for one chunk at a time, never for the whole `[rows, time, vocab]`."""
-  rows, time = arrays[0].shape[:2]
+def _over_position_chunks(fn, chunk: int, heads: Any, *arrays: jax.Array) -> jax.Array:
+  """`fn(heads, *arrays)` for `fn` position-wise along axis 1 of `arrays` (`[rows, time, ...]` -> `[rows, time]`),
+  run over chunks of `chunk` positions one after the other, each rematerialised in a backward pass: the
+  vocabulary-sized logits inside `fn` exist for one chunk at a time, never for the whole `[rows, time, vocab]`.
+
+  With float32 `heads` (a trained policy's), each device loops over its own rows (`sharding.over_batch_shards`),
+  so in a backward pass their gradient accumulates on the device over the chunks and is reduced over the batch
+  axes once, after the loop; under XLA's partitioning it is all-reduced whole at every chunk. Other heads (frozen
+  models' in the compute dtype) stay in XLA's loop: XLA's CPU compiler fails on the bfloat16 reduction that a
+  shard_map's backward pass would add (`AllReducePromotion`: "Invalid binary instruction opcode copy")."""
+  time = arrays[0].shape[1]
   if chunk >= time:
-    return fn(*arrays)
+    return fn(heads, *arrays)
   chunks = -(-time // chunk)
-  parts = [jnp.pad(a, [(0, 0), (0, chunks * chunk - time)] + [(0, 0)] * (a.ndim - 2))
-           .reshape((rows, chunks, chunk) + a.shape[2:]).swapaxes(0, 1) for a in arrays]
-  out = lax.map(jax.checkpoint(lambda xs: fn(*xs), prevent_cse=False), parts)
-  return out.swapaxes(0, 1).reshape(rows, chunks * chunk)[:, :time]
+
+  def loop(heads, arrays):
+    rows = arrays[0].shape[0]
+    parts = [jnp.pad(a, [(0, 0), (0, chunks * chunk - time)] + [(0, 0)] * (a.ndim - 2))
+             .reshape((rows, chunks, chunk) + a.shape[2:]).swapaxes(0, 1) for a in arrays]
+    out = lax.map(jax.checkpoint(lambda xs: fn(heads, *xs), prevent_cse=False), parts)
+    return out.swapaxes(0, 1).reshape(rows, chunks * chunk)[:, :time]
+
+  if all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(heads)):
+    return sharding.over_batch_shards(loop, heads, arrays)
+  return loop(heads, arrays)
 
 
 def _predicting_hidden(params: Params, model_config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
@@ -447,12 +462,12 @@ def _generation_log_probs(params: Params, model_config: ModelConfig, prompts: ja
   hidden = _predicting_hidden(params, model_config, prompts, prompt_mask, tokens, mask)
   head = head_params(outer_params_after(params, hidden))  # gathered once the layers ran, outside the chunks' loop
 
-  def log_probs_of(hidden, tokens):
+  def log_probs_of(head, hidden, tokens):
     logits = _distribution_logits(head, model_config, hidden, sampling_config)
     return jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 
   chunk = _position_chunk(batch * samples, time, model_config.vocab_size)
-  log_probs = _over_position_chunks(log_probs_of, chunk, hidden, tokens.reshape(-1, time))
+  log_probs = _over_position_chunks(log_probs_of, chunk, head, hidden, tokens.reshape(-1, time))
   return jnp.where(mask.reshape(-1, time).astype(bool), log_probs, 0.0).reshape(batch, samples, time)
 
 
@@ -509,7 +524,7 @@ def _generation_kl(params: Params, other_params: Params, model_config: ModelConf
   hidden = [_predicting_hidden(p, model_config, prompts, prompt_mask, tokens, mask) for p in (params, other_params)]
   heads = [head_params(outer_params_after(p, hidden)) for p in (params, other_params)]
 
-  def kl_of(hidden_p, hidden_q):
+  def kl_of(heads, hidden_p, hidden_q):
     log_p, log_q = (jax.nn.log_softmax(_distribution_logits(head, model_config, h, sampling_config), axis=-1)
                     for head, h in zip(heads, (hidden_p, hidden_q)))
     probs = jnp.exp(log_p)
@@ -517,7 +532,7 @@ def _generation_kl(params: Params, other_params: Params, model_config: ModelConf
     return jnp.sum(jnp.where(probs > 0, probs * (log_p - log_q), 0.0), axis=-1)
 
   chunk = _position_chunk(batch * samples, time, model_config.vocab_size, models=2)
-  per_position = _over_position_chunks(kl_of, chunk, *hidden)
+  per_position = _over_position_chunks(kl_of, chunk, heads, *hidden)
   per_position = jnp.where(mask.reshape(-1, time).astype(bool), per_position, 0.0)
   return jnp.sum(per_position, axis=-1).reshape(batch, samples)
 

@@ -18,6 +18,7 @@ from bond_jax import train_state as train_state_lib
 from bond_jax import train_step as train_step_lib
 from bond_jax import trainer
 from bond_jax.models import forward, init_params, positions_from_mask, tiny
+from bond_jax.models import transformer
 
 MODEL = tiny(stop_token_ids=(3,), pad_token_id=0)  # 2 layers, d_model 32, 4 query / 2 KV heads, vocabulary 64
 REWARD_MODEL = tiny(head="score", num_kv_heads=4)
@@ -207,3 +208,60 @@ def test_logits_in_chunks_equal_whole(components, monkeypatch):
   assert_trees_close(grads, whole[1], rtol=1e-4, atol=1e-5 * scale)  # Sums over chunks round differently.
   for fn in (sampling.generation_log_probs, sampling.generation_kl):
     fn.clear_cache()
+
+
+@pytest.mark.parametrize("held_dtype", ["float32", "bfloat16"])
+def test_chunked_log_prob_gradient_reduces_the_head_once_under_fsdp(components, monkeypatch, held_dtype):
+  """Under fsdp=8 the gradient of log-probs computed over chunks of positions equals the unsplit one, and moves no
+  more collective bytes: the gathered head's gradient is reduced once after the chunks' loop, not at every chunk.
+  Weights held in bfloat16 (a frozen base's) take XLA's loop, which XLA's CPU compiler can compile."""
+  params, _, batch = components
+  params = transformer.cast_weights(params, held_dtype)
+  out = sampling.sample(params, batch["prompts"], batch["prompt_mask"], jax.random.key(3),
+                        sampling.SamplingConfig(max_new_tokens=7, num_samples=2), MODEL)
+  mesh = sharding.make_mesh((1, 8, 1))
+  params = jax.device_put(params, sharding.param_shardings(params, mesh))
+  args = jax.device_put((batch["prompts"], batch["prompt_mask"], out.tokens, out.mask),
+                        (sharding.batch_sharding(mesh, 2),) * 2 + (sharding.batch_sharding(mesh, 3),) * 2)
+
+  def gradient_and_collective_bytes():
+    sampling.generation_log_probs.clear_cache()
+    with jax.set_mesh(mesh):
+      compiled = jax.jit(jax.grad(lambda p: jnp.sum(sampling.generation_log_probs(p, MODEL, *args)))).lower(
+          params).compile()
+      return compiled(params), hlo_collectives.summarize(compiled.as_text()).total_bytes
+
+  whole, whole_bytes = gradient_and_collective_bytes()
+  monkeypatch.setattr(sampling, "LOGITS_CHUNK_BYTES", 1)  # One position per chunk: 7 chunks.
+  chunked, chunked_bytes = gradient_and_collective_bytes()
+  sampling.generation_log_probs.clear_cache()
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(whole))
+  if held_dtype == "bfloat16":  # Sums over chunks round differently in bfloat16.
+    assert_trees_close(chunked, whole, rtol=0.05, atol=0.02 * scale)
+    return
+  assert_trees_close(chunked, whole, rtol=1e-4, atol=1e-5 * scale)
+  head_bytes = MODEL.vocab_size * MODEL.d_model * 4
+  assert whole_bytes > head_bytes  # The weights are gathered and their gradients reduced.
+  assert chunked_bytes <= whole_bytes + head_bytes  # Not 7 reductions of the head's gradient.
+
+
+def test_log_prob_pass_gathers_each_weight_once_under_fsdp(components):
+  """A forward-only log-prob pass (prompts, then their samples' tokens) all-gathers each fsdp-sharded weight at
+  most once: its prompts and samples run through each layer together, and the embedding lookup reads the table
+  sharded. A 3-layer model, so that the layers run as a scan."""
+  _, _, batch = components
+  model = tiny(num_layers=3, stop_token_ids=(3,), pad_token_id=0)
+  params = init_params(model, jax.random.key(0))
+  out = sampling.sample(params, batch["prompts"], batch["prompt_mask"], jax.random.key(3),
+                        sampling.SamplingConfig(max_new_tokens=7, num_samples=2), model)
+  mesh = sharding.make_mesh((1, 8, 1))
+  shardings = sharding.param_shardings(params, mesh)
+  args = jax.device_put((batch["prompts"], batch["prompt_mask"], out.tokens, out.mask),
+                        (sharding.batch_sharding(mesh, 2),) * 2 + (sharding.batch_sharding(mesh, 3),) * 2)
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(lambda p: sampling.generation_log_probs(p, model, *args)).lower(
+        jax.device_put(params, shardings)).compile()
+  gathered = hlo_collectives.summarize(compiled.as_text()).bytes_by_kind["all-gather"]
+  sharded_weights = sum(x.nbytes for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings))
+                        if "fsdp" in str(s.spec))
+  assert 0.5 * sharded_weights < gathered <= sharded_weights

@@ -292,26 +292,41 @@ _REMAT = {
 _UNROLLED_LAYERS = 2
 
 
+def _scan_blocks(layers: Params, config: ModelConfig, step, carry: Any, xs: Any) -> tuple[Any, Any]:
+  """`step(apply, data, carry, x) -> (carry, out)` over every layer, one `lax.scan` over the stacked layers (the
+  program holds one block whatever the depth): `apply(*args)` runs the layer's `Block` with its weights, gathered
+  over `fsdp` once for however many calls the step makes; each step is rematerialised in a backward pass as
+  `config.remat` says."""
+  block = Block(config, parent=None)
+
+  def body(carry, layer):
+    weights, data, x = layer
+    variables = {"params": sharding.gather_over_fsdp(weights)}
+    return step(lambda *args: block.apply(variables, *args, data), carry, x)
+
+  if config.remat != "none":
+    body = jax.checkpoint(body, policy=_REMAT[config.remat], prevent_cse=False)
+  # A model of a layer or two is unrolled: XLA compiles that faster than a loop (the tests' models).
+  unroll = config.num_layers if config.num_layers <= _UNROLLED_LAYERS else 1
+  return lax.scan(body, carry, (layers, layer_data(config), xs), unroll=unroll)
+
+
 def _layers(layers: Params, config: ModelConfig, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
             cache: Cache | None, cache_index) -> tuple[jax.Array, Any]:
-  """Every block over `x`, one `lax.scan` over the stacked layers: the program holds one block whatever the depth.
+  """Every block over `x`.
 
   Returns the residual stream and, with a cache, the new tokens' keys and values of every layer `[layers, batch,
   time, kv_heads, head_dim]`.
   """
-  block = Block(config, parent=None)
+  step = lambda apply, x, layer_cache: apply(x, positions, key_mask, layer_cache, cache_index)  # noqa: E731
+  return _scan_blocks(layers, config, step, x, None if cache is None else (cache.k, cache.v))
 
-  def body(x, layer):
-    weights, data, layer_cache = layer
-    return block.apply({"params": sharding.gather_over_fsdp(weights)}, x, positions, key_mask, layer_cache,
-                       cache_index, data)
 
-  if config.remat != "none":
-    body = jax.checkpoint(body, policy=_REMAT[config.remat], prevent_cse=False)
-  caches = None if cache is None else (cache.k, cache.v)
-  # A model of a layer or two is unrolled: XLA compiles that faster than a loop (the tests' models).
-  unroll = config.num_layers if config.num_layers <= _UNROLLED_LAYERS else 1
-  return lax.scan(body, x, (layers, layer_data(config), caches), unroll=unroll)
+def _embed(params: Params, config: ModelConfig, tokens: jax.Array) -> jax.Array:
+  """The residual stream's start `[batch, time, d_model]`; the table stays sharded for the lookup, so XLA moves
+  the looked-up rows, not the table."""
+  x = _residual(_embedder(config).apply({"params": params["embedder"]}, tokens))
+  return x * jnp.asarray(math.sqrt(config.d_model), config.compute_dtype) if config.embed_scale else x
 
 
 def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array,
@@ -362,10 +377,7 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: j
     raise ValueError(f"output_start={output_start} must lie in [0, time={tokens.shape[1]}).")
   attention_mask = attention_mask.astype(bool)
   stacked = stack_layers(params, config)
-  outer = head_params(stacked)
-  x = _residual(_embedder(config).apply({"params": outer["embedder"]}, tokens))
-  if config.embed_scale:
-    x = x * jnp.asarray(math.sqrt(config.d_model), config.compute_dtype)
+  x = _embed(stacked, config, tokens)
 
   if cache is None:
     key_mask, cache_index = attention_mask, None
@@ -379,8 +391,76 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: j
     cache = Cache(kv(write(cache.k, new_kv[0])), kv(write(cache.v, new_kv[1])),
                   sharding.constrain(key_mask, "batch", None), cache.index + tokens.shape[1])
 
+  outer = head_params(stacked)
   x = _norm(config, None).apply({"params": outer["final_norm"]}, x[:, output_start:])
   return (x if hidden else head_outputs(outer, config, x)), cache
+
+
+def forward_after_prompts(params: Params, config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
+                          tokens: jax.Array, positions: jax.Array, mask: jax.Array, hidden: bool = False,
+                          ) -> tuple[jax.Array, jax.Array]:
+  """Runs left-padded prompts and `samples` continuations of each in one pass of the layers: each layer runs the
+  prompts, then every continuation attending to its prompt's keys and values and to its own earlier tokens, so
+  the layer's weights are read (gathered over `fsdp`) once for both, and no all-layer KV cache exists.
+
+  The same outputs as `forward` over the prompts into a cache, each row's cache repeated for its samples, then
+  `forward` over the continuations from it.
+
+  Args:
+    params: from `init_params`, or with its layers stacked.
+    config: the model config (static under jit).
+    prompts: `[batch, prompt_len]` int32, left-padded (each row's real tokens last).
+    prompt_mask: `[batch, prompt_len]` bool.
+    tokens: `[batch * samples, time]` int32 continuations; row `b * samples + s` continues prompt `b`.
+    positions: `[batch * samples, time]` int32 rotary positions of `tokens` (after their prompt's).
+    mask: `[batch * samples, time]` bool, True = real token.
+    hidden: static; final-norm outputs `[..., d_model]` (compute dtype) in place of the head's.
+
+  Returns:
+    `(last, outputs)`: the outputs at each prompt's last token `[batch, outputs]` and at every continuation token
+    `[batch * samples, time, outputs]`, float32 logits or scores (`forward`'s).
+
+  Example:
+    >>> from bond_jax.models.config import tiny
+    >>> cfg = tiny()
+    >>> params, prompt_mask = init_params(cfg, jax.random.key(0)), jnp.array([[False, True, True]])
+    >>> tokens, mask = jnp.array([[7, 8], [9, 10]]), jnp.ones((2, 2), bool)
+    >>> last, outputs = forward_after_prompts(params, cfg, jnp.array([[0, 5, 6]]), prompt_mask, tokens,
+    ...                                       jnp.array([[2, 3], [2, 3]]), mask)
+    >>> whole, _ = forward(params, cfg, jnp.array([[5, 6, 9, 10]]), jnp.arange(4)[None], jnp.ones((1, 4), bool))
+    >>> bool(jnp.allclose(outputs[1], whole[0, 2:], atol=1e-5)), bool(jnp.allclose(last[0], whole[0, 1], atol=1e-5))
+    (True, True)
+  """
+  chex.assert_rank([prompts, prompt_mask, tokens, positions, mask], 2)
+  chex.assert_equal_shape([prompts, prompt_mask])
+  chex.assert_equal_shape([tokens, positions, mask])
+  (batch, prompt_len), (rows, time) = prompts.shape, tokens.shape
+  if rows % batch:
+    raise ValueError(f"tokens has {rows} rows, not a multiple of the {batch} prompts.")
+  samples = rows // batch
+  prompt_mask, mask = prompt_mask.astype(bool), mask.astype(bool)
+  stacked = stack_layers(params, config)
+  repeat = lambda x: jnp.repeat(x, samples, axis=0)  # noqa: E731  (row b -> rows b * samples ...)
+  key_mask = sharding.constrain(jnp.concatenate([repeat(prompt_mask), mask], axis=1), "batch", None)
+  prompt_positions = positions_from_mask(prompt_mask)
+  empty = jnp.zeros((batch, prompt_len, config.num_kv_heads, config.head_dim), config.compute_dtype)
+
+  def step(apply, streams, _):
+    x_prompts, x_tokens = streams
+    x_prompts, (k, v) = apply(x_prompts, prompt_positions, prompt_mask, (empty, empty), 0)
+    # Each continuation's slots: its prompt's keys and values, then its own (written at slot `prompt_len`).
+    after = lambda y: jnp.pad(repeat(y), [(0, 0), (0, time), (0, 0), (0, 0)])  # noqa: E731
+    x_tokens, _ = apply(x_tokens, positions, key_mask, (after(k), after(v)), prompt_len)
+    return (x_prompts, x_tokens), None
+
+  streams = (_embed(stacked, config, prompts), _embed(stacked, config, tokens))
+  (x_prompts, x_tokens), _ = _scan_blocks(stacked[LAYERS], config, step, streams, None)
+  outer = head_params(stacked)
+  norm = lambda x: _norm(config, None).apply({"params": outer["final_norm"]}, x)  # noqa: E731
+  last, x_tokens = norm(x_prompts[:, -1:]), norm(x_tokens)
+  if hidden:
+    return last[:, 0], x_tokens
+  return head_outputs(outer, config, last)[:, 0], head_outputs(outer, config, x_tokens)
 
 
 def outer_params_after(params: Params, value: Any) -> Params:
@@ -395,21 +475,29 @@ def outer_params_after(params: Params, value: Any) -> Params:
     >>> bool(jnp.all(outer_params_after(params, jnp.ones(2))["lm_head"]["kernel"] == params["lm_head"]["kernel"]))
     True
   """
-  outer = {key: value for key, value in params.items() if not _is_layer(key) and key != LAYERS}
-  return params | sharding.params_after(outer, value)
+  return params | sharding.params_after(_outer(params), value)
+
+
+def _outer(params: Params) -> Params:
+  return {key: value for key, value in params.items() if not _is_layer(key) and key != LAYERS}
 
 
 def head_params(params: Params) -> Params:
-  """The parameters outside the layers (embedding, final norm, head), all-gathered over `fsdp` on a mesh: what
-  `head_outputs` reads, gathered once ahead of a loop that calls it many times.
+  """The parameters after the layers (final norm, and the head: the embedding where the model ties them),
+  all-gathered over `fsdp` on a mesh: what `head_outputs` reads, gathered once ahead of a loop that calls it many
+  times. An untied model's input embedding is left out: a pass's lookup reads it sharded.
 
   Example:
     >>> from bond_jax.models.config import tiny
     >>> sorted(head_params(init_params(tiny(), jax.random.key(0))))
-    ['embedder', 'final_norm', 'lm_head']
+    ['final_norm', 'lm_head']
+    >>> sorted(head_params(init_params(tiny(tie_embeddings=True), jax.random.key(0))))
+    ['embedder', 'final_norm']
   """
-  return sharding.gather_over_fsdp({key: value for key, value in params.items() if not _is_layer(key)
-                                    and key != LAYERS})
+  outer = _outer(params)
+  if set(outer) - {"embedder", "final_norm"}:  # A head of its own.
+    outer.pop("embedder")
+  return sharding.gather_over_fsdp(outer)
 
 
 def head_outputs(params: Params, config: ModelConfig, hidden_states: jax.Array) -> jax.Array:
@@ -494,7 +582,8 @@ def decoding_params(params: Params, config: ModelConfig) -> Params:
     dtype(bfloat16)
   """
   stacked = stack_layers(cast_to_compute_dtype(params, config), config)
-  return head_params(stacked) | {LAYERS: sharding.gather_over_fsdp(stacked[LAYERS], layer_axis=True)}
+  return sharding.gather_over_fsdp(_outer(stacked)) | {LAYERS: sharding.gather_over_fsdp(stacked[LAYERS],
+                                                                                        layer_axis=True)}
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
