@@ -73,7 +73,8 @@ class MemoryEstimate:
     kv_cache: the largest sampler KV cache (training or evaluation), of one inference micro-batch.
     activations: the largest forward (and backward) pass: the update (of one micro-batch, under the remat policy),
       a forward-only pass of the policy (of one inference micro-batch: training's log-probs, evaluation's KL under
-      two models), or a reward model's forward over the samples it scores at once (with its KV cache).
+      two models), or a reward model's forward over the samples it scores at once (each layer with its samples'
+      keys and values).
     merged_params: LoRA: the step's copies of the adapted kernels (`_merged_bytes`: the policy's and the anchor's
       merged kernels, the layer-stacked copies of three models', the kernels' gradient and, below float32, the
       merge's float32 results); 0 for a full fine-tune.
@@ -185,9 +186,10 @@ def activation_bytes(model_config: ModelConfig, prompts: int, samples: int, prom
                      tensor: int, backward: bool, remat: str = "none", models: int = 1) -> int:
   """Upper-bound bytes of one pass of the policy over `samples` generations of each of `prompts` prompts, per device.
 
-  The tokens are laid out as `sampling.generation_log_probs` lays them out: each prompt once (`prompt_len` tokens
-  attending to at most `prompt_len`), then every sample's generation over the prompt's cache (`new_tokens`
-  tokens attending to at most `prompt_len + new_tokens`).
+  The tokens are laid out as `sampling.generation_log_probs` lays them out (`transformer.forward_after_prompts`):
+  in each layer each prompt once (`prompt_len` tokens attending to at most `prompt_len`), then every sample's
+  generation (`new_tokens` tokens attending to at most `prompt_len + new_tokens`) over its prompt's keys and
+  values repeated for it (the layer's `[rows, prompt_len + new_tokens, kv_heads, head_dim]` keys and values).
 
   Assumptions, per token and per layer (c: bytes of the compute dtype): the residual stream before attention
   and before the MLP and both RMSNorm outputs (4 d c), the norms' float32 inputs (2 d 4); q, k and v before and
@@ -235,7 +237,8 @@ def activation_bytes(model_config: ModelConfig, prompts: int, samples: int, prom
       + 2 * heads * attended * _FLOAT32_BYTES)
   rows, generated = prompts * samples, prompts * samples * new_tokens
   tokens = prompts * prompt_len + generated
-  layer = prompts * prompt_len * per_token(prompt_len) + generated * per_token(prompt_len + new_tokens)
+  layer = (prompts * prompt_len * per_token(prompt_len) + generated * per_token(prompt_len + new_tokens)
+           + rows * (prompt_len + new_tokens) * 2 * kv_heads * model_config.head_dim * c)
   kept = {"none": layer, "block": tokens * d * c,
           "matmuls": tokens * ((heads + 2 * kv_heads) * model_config.head_dim + 2 * d + 2 * mlp) * c}[remat]
   vocab = _split(model_config.vocab_size, tensor)
@@ -269,13 +272,12 @@ def _reward_model_config(reward_fn: RewardFn | None) -> ModelConfig | None:
 def _reward_pass_bytes(reward_fn: RewardFn | None, prompts: int, samples: int, prompt_len: int, new_tokens: int,
                        tensor: int) -> int:
   """Bytes per device of a reward model's forward over `samples` generations of each of `prompts` prompts
-  (`sampling.outputs_after_prompts`: the activations as `activation_bytes` bounds them, and the KV cache of every
-  sample's prompt and generation); 0 for a reward without a model."""
+  (`sampling.outputs_after_prompts`, whose activations `activation_bytes` bounds); 0 for a reward without a
+  model."""
   reward_config = _reward_model_config(reward_fn)
   if reward_config is None:
     return 0
-  return (activation_bytes(reward_config, prompts, samples, prompt_len, new_tokens, tensor, backward=False)
-          + kv_cache_bytes(reward_config, prompts * samples, prompt_len + new_tokens, tensor))
+  return activation_bytes(reward_config, prompts, samples, prompt_len, new_tokens, tensor, backward=False)
 
 
 def estimate_train_memory(config: ml_collections.ConfigDict, model_config: ModelConfig, ref_params: Any,
@@ -292,8 +294,9 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   anchor samples of one micro-batch (`config.memory.micro_batches`) under `config.memory.remat`, the forward-only
   passes of the log-probs (training's over the policy samples, evaluation's KL over its policy samples under two
   models), and a reward model's forward over the most samples per prompt that a step scores (its shapes read from
-  its weights). One estimate bounds both the train and the evaluation step. The reference of a full fine-tune is held in the compute dtype (`config.policy.dtype`), as the trainer holds
-  it; under LoRA the frozen base is as `fine_tuning.setup` made it.
+  its weights). One estimate bounds both the train and the evaluation step. The reference of a full fine-tune is
+  held in the compute dtype (`config.policy.dtype`), as the trainer holds it; under LoRA the frozen base is as
+  `fine_tuning.setup` made it.
   Not counted: the exact evaluation of `config.exact`.
 
   Args:
