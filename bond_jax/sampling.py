@@ -10,7 +10,7 @@ Randomness: `rng` is one key for the whole batch, split into one key per prompt 
 `split(row_key, num_samples)[s]`, folded with the step), so a prompt sampled alone with its row key gives the
 same tokens as inside the batch.
 
-`outputs_after_prompts` runs given samples the same way (one prefill per prompt, shared by its samples), with
+`outputs_after_prompts` runs given samples alike (each prompt once, its keys and values shared by its samples), with
 gradients: `generation_log_probs` (for the losses) and reward models score through it. Given the sampler's
 `SamplingConfig`, `generation_log_probs` scores the samples under the distribution they were drawn from (the
 temperature, top-k and top-p applied), as every score-function estimate needs (docs/method.md, "Which

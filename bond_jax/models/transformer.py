@@ -293,7 +293,7 @@ _UNROLLED_LAYERS = 2
 
 
 def _scan_blocks(layers: Params, config: ModelConfig, step, carry: Any, xs: Any) -> tuple[Any, Any]:
-  """`step(apply, data, carry, x) -> (carry, out)` over every layer, one `lax.scan` over the stacked layers (the
+  """`step(apply, carry, x) -> (carry, out)` over every layer, one `lax.scan` over the stacked layers (the
   program holds one block whatever the depth): `apply(*args)` runs the layer's `Block` with its weights, gathered
   over `fsdp` once for however many calls the step makes; each step is rematerialised in a backward pass as
   `config.remat` says."""
@@ -463,6 +463,10 @@ def forward_after_prompts(params: Params, config: ModelConfig, prompts: jax.Arra
   return head_outputs(outer, config, last)[:, 0], head_outputs(outer, config, x_tokens)
 
 
+def _outer(params: Params) -> Params:
+  return {key: value for key, value in params.items() if not _is_layer(key) and key != LAYERS}
+
+
 def outer_params_after(params: Params, value: Any) -> Params:
   """`params` whose groups outside the layers (embedding, final norm, head: what a pass gathers whole, as
   `head_params` does) are computable only once `value` is (`sharding.params_after`), so that XLA gathers them
@@ -476,10 +480,6 @@ def outer_params_after(params: Params, value: Any) -> Params:
     True
   """
   return params | sharding.params_after(_outer(params), value)
-
-
-def _outer(params: Params) -> Params:
-  return {key: value for key, value in params.items() if not _is_layer(key) and key != LAYERS}
 
 
 def head_params(params: Params) -> Params:
