@@ -2,6 +2,7 @@ r"""Pretrains a task's reference policy: a tiny Llama-style LM on the task's cor
 
   python experiments/pretrain.py [--steps=1500] [--out=bond_jax/assets/policy]
   python experiments/pretrain.py --task=arithmetic --steps=1500 --seq_len=12   # -> bond_jax/assets/arithmetic/policy
+  python experiments/pretrain.py --d_model=256 --steps=500 --out=/tmp/models/d256   # a wider review LM (3.3M)
 
 For `--task=review` the corpus and tokenizer come from `bond_jax/assets` (`experiments/make_default_assets.py`);
 for `--task=arithmetic` from `bond_jax.tasks.arithmetic` (a generated corpus, its shipped tokenizer). The result is a
@@ -40,12 +41,19 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 48, "Tokens per training sequence (BO
 _LR = flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (cosine decay after warm-up).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds init and batch order.")
 _OUT = flags.DEFINE_string("out", "", "Output checkpoint directory; empty: the task's shipped policy directory.")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "Review task: transformer blocks (default: the shipped 4).")
+_D_MODEL = flags.DEFINE_integer("d_model", None, "Review task: width, a multiple of 64 (default: the shipped 128); "
+                                "heads of 32 dimensions (half as many key/value heads) and an MLP of 3 x d_model.")
 
 
-def policy_config(tokenizer) -> ModelConfig:
-  """The shipped policy's shape: ~0.9M parameters, context 64 (prompt 16 + 24 new tokens fit easily)."""
-  return ModelConfig(vocab_size=len(tokenizer), num_layers=4, d_model=128, num_heads=4, num_kv_heads=2,
-                     head_dim=32, mlp_dim=384, max_seq_len=64, tie_embeddings=True,
+def policy_config(tokenizer, num_layers: int = 4, d_model: int = 128) -> ModelConfig:
+  """The shipped policy's shape (4 layers, d_model 128: ~0.9M parameters), context 64 (prompt 16 + 24 new tokens
+  fit easily); other depths and widths keep its head size (32), its 2 query heads per key/value head and its MLP
+  of 3 x d_model (the capacity study of README's "Against the Best-of-N frontier")."""
+  if d_model % 64:
+    raise app.UsageError(f"--d_model must be a multiple of 64 (heads of 32, 2 per key/value head), got {d_model}.")
+  return ModelConfig(vocab_size=len(tokenizer), num_layers=num_layers, d_model=d_model, num_heads=d_model // 32,
+                     num_kv_heads=d_model // 64, head_dim=32, mlp_dim=3 * d_model, max_seq_len=64, tie_embeddings=True,
                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                      stop_token_ids=(tokenizer.eos_token_id,))
 
@@ -85,7 +93,11 @@ def main(argv):
   tokenizer_dir, corpus, make_config, default_out = TASKS[_TASK.value]
   out = _OUT.value or default_out
   tokenizer = default_assets.load_tokenizer(tokenizer_dir)
-  config = make_config(tokenizer)
+  shape = {name: flag.value for name, flag in (("num_layers", _NUM_LAYERS), ("d_model", _D_MODEL))
+           if flag.value is not None}
+  if shape and _TASK.value != "review":
+    raise app.UsageError(f"--num_layers and --d_model shape the review task's policy only, not {_TASK.value!r}'s.")
+  config = make_config(tokenizer, **shape)
   tokens, mask = encode_corpus(tokenizer, corpus(), _SEQ_LEN.value)
   schedule = optax.warmup_cosine_decay_schedule(0.0, _LR.value, min(100, _STEPS.value // 10), _STEPS.value, _LR.value / 20)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
