@@ -148,13 +148,12 @@ def _moved_bytes(name: str, program: dict[str, _Instruction], programs: dict[str
   dtype = collective.dtype
   if dtype is None:
     return size
-  narrow = [t for t in [_rounded_to(collective.operands[0], program, programs)] if t] if collective.operands else []
+  narrow = [_rounded_to(collective.operands[0], program, programs)] if collective.operands else []
   if kind in _QUANTIZABLE:
     users = [i for i in program.values() if name in i.operands]
-    conversions = {i.dtype for i in users if i.operands == [name] and _elements(i.types) == _elements(collective.types)}
-    if users and len(conversions) == 1 and all(i.operands == [name] for i in users):
-      narrow += [t for t in conversions if _narrower(t, dtype)]
-  narrowest = min(narrow, key=lambda t: _ELEMENT_BYTES[t], default=dtype)
+    if users and all(i.operands == [name] and _elements(i.types) == _elements(collective.types) for i in users):
+      narrow += [i.dtype for i in users] if len({i.dtype for i in users}) == 1 else []
+  narrowest = min((t for t in narrow if _narrower(t, dtype)), key=lambda t: _ELEMENT_BYTES[t], default=dtype)
   return size * _ELEMENT_BYTES[narrowest] // _ELEMENT_BYTES[dtype]
 
 
