@@ -1,14 +1,15 @@
 """The collectives of a compiled XLA program, read from its HLO text: how many bytes one run moves, and how many
 one iteration of each data-dependent loop (a decoding loop) moves.
 
-Each collective counts the bytes of its whole operand as one device sees it before the collective (all-gather:
-its result; reduce-scatter: its result times the group; all-reduce, all-to-all, collective-permute: their
-result), so a ZeRO-3 step's weight all-gathers and gradient reduce-scatters (or all-reduces) each count the
-weights' full size. An all-gather, all-to-all or collective-permute whose every user converts its result to a
-narrower float type counts in that type, as a GPU program moves it (XLA's CPU backend has no bfloat16
-collectives: it converts to float32 and back around them). Loops multiply what their body moves: a `while` with a known trip count (a `scan`) by that
-count, a data-dependent one (whose count only the data decides, e.g. a decoding loop that stops at EOS) by
-`unknown_trip_count`; of a conditional's branches the costliest counts.
+Each collective counts the bytes of its whole operand as one device sees it before the collective (all-gather: its
+result; reduce-scatter: its result times the group; all-reduce, all-to-all, collective-permute: their result), so a
+ZeRO-3 step's weight all-gathers and gradient reduce-scatters (or all-reduces) each count the weights' full size.
+XLA's CPU backend has no bfloat16 collectives: it converts to float32 and back around them. So a collective counts
+in the narrower float type its operand was converted from, and an all-gather, all-to-all or collective-permute whose
+every user turns it, same-sized, into a narrower float type counts in that type, as a GPU program moves it. Loops
+multiply what their body moves: a `while` with a known trip count (a `scan`) by that count, a data-dependent one
+(whose count only the data decides, e.g. a decoding loop that stops at EOS) by `unknown_trip_count`; of a
+conditional's branches the costliest counts.
 
 Example:
   >>> compiled = jax.jit(lambda x: x * 2).lower(jnp.ones(4)).compile()

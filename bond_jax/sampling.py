@@ -343,7 +343,7 @@ def outputs_after_prompts(params: Params, model_config: ModelConfig, prompts: ja
   if prompt_len + time > model_config.max_seq_len:
     raise ValueError(f"prompt_len={prompt_len} + time={time} exceeds model_config.max_seq_len="
                      f"{model_config.max_seq_len}.")
-  # The embedding and head are gathered when this pass runs, after the tokens it reads exist.
+  # What the pass gathers of the weights outside the layers is gathered when it runs, after the tokens it reads.
   params = outer_params_after(params, tokens if tokens.size else prompts)
   if time == 0:
     return _prefill(params, model_config, prompts, prompt_mask, samples, 1, hidden)[0][:, None]

@@ -399,9 +399,9 @@ def forward(params: Params, config: ModelConfig, tokens: jax.Array, positions: j
 def forward_after_prompts(params: Params, config: ModelConfig, prompts: jax.Array, prompt_mask: jax.Array,
                           tokens: jax.Array, positions: jax.Array, mask: jax.Array, hidden: bool = False,
                           ) -> tuple[jax.Array, jax.Array]:
-  """Runs left-padded prompts and `samples` continuations of each in one pass of the layers: each layer runs the
-  prompts, then every continuation attending to its prompt's keys and values and to its own earlier tokens, so
-  the layer's weights are read (gathered over `fsdp`) once for both, and no all-layer KV cache exists.
+  """Runs left-padded prompts and the same number of continuations of each in one pass of the layers: each layer
+  runs the prompts, then every continuation attending to its prompt's keys and values and to its own earlier
+  tokens, so the layer's weights are read (gathered over `fsdp`) once for both, and no all-layer KV cache exists.
 
   The same outputs as `forward` over the prompts into a cache, each row's cache repeated for its samples, then
   `forward` over the continuations from it.
@@ -469,9 +469,9 @@ def _outer(params: Params) -> Params:
 
 def outer_params_after(params: Params, value: Any) -> Params:
   """`params` whose groups outside the layers (embedding, final norm, head: what a pass gathers whole, as
-  `head_params` does) are computable only once `value` is (`sharding.params_after`), so that XLA gathers them
-  when the pass that reads `value` runs, not at the program's start (where it would hold them through every
-  earlier pass).
+  `head_params` and `decoding_params` do) are computable only once `value` is (`sharding.params_after`), so that
+  XLA gathers them when the pass that reads `value` runs, not at the program's start (where it would hold them
+  through every earlier pass).
 
   Example:
     >>> from bond_jax.models.config import tiny
@@ -496,7 +496,7 @@ def head_params(params: Params) -> Params:
   """
   outer = _outer(params)
   if set(outer) - {"embedder", "final_norm"}:  # A head of its own.
-    outer.pop("embedder")
+    outer.pop("embedder", None)
   return sharding.gather_over_fsdp(outer)
 
 
