@@ -271,12 +271,16 @@ def _reward_model_config(reward_fn: RewardFn | None) -> ModelConfig | None:
 
 def _reward_pass_bytes(reward_fn: RewardFn | None, prompts: int, samples: int, prompt_len: int, new_tokens: int,
                        tensor: int) -> int:
-  """Bytes per device of a reward model's forward over `samples` generations of each of `prompts` prompts
-  (`sampling.outputs_after_prompts`, whose activations `activation_bytes` bounds); 0 for a reward without a
-  model."""
+  """Bytes per device of a reward model's forward over `samples` generations of each of `prompts` prompts, whose
+  activations `activation_bytes` bounds: laid out as `sampling.outputs_after_prompts` lays them out, or, for a
+  re-tokenized reward (`rewards.retokenized_reward_model`), one full row of its `row_len` tokens per sample; 0 for
+  a reward without a model."""
   reward_config = _reward_model_config(reward_fn)
   if reward_config is None:
     return 0
+  row_len = getattr(reward_fn.func, "row_len", None)
+  if row_len:
+    return activation_bytes(reward_config, prompts * samples, 1, row_len, 0, tensor, backward=False)
   return activation_bytes(reward_config, prompts, samples, prompt_len, new_tokens, tensor, backward=False)
 
 

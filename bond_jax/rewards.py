@@ -261,6 +261,7 @@ def retokenized_reward_model(params, model_config: ModelConfig, reward_tokenizer
     ids, real = _on_host(host_inputs, shapes, prompts, prompt_mask, tokens, mask)
     return _pooled_scores(params, model_config, ids, real).reshape(batch, samples)
 
+  rewards.row_len = max_len  # Each sample is a full row of its own: the memory estimate's layout of this pass.
   return jax.tree_util.Partial(rewards, params)
 
 

@@ -204,3 +204,24 @@ def test_run_script_reports_a_run_that_cannot_fit_in_one_line(tiny_policy_dir, p
   last_line = tiny_run.run_script_error(str(tmp_path / "run"), [*flags, "--config.memory_limit_gib=0.000001"])
   assert last_line.startswith("error: the run needs an estimated "), last_line
   assert "GiB per device" in last_line and "config.memory_limit_gib = 1e-06" in last_line
+
+
+def test_reward_pass_bounds_xla_for_a_retokenized_reward_model():
+  """A re-tokenized reward model scores every sample as a full row of its own `max_len` tokens, not a shared prompt
+  and a generation: the estimate's reward pass bounds XLA's temporaries for it even where `max_len` is far longer
+  than the policy's prompt and generation."""
+  from bond_jax.data import id_tokenizer  # pylint: disable=g-import-not-at-top
+  from bond_jax.tasks import default_assets  # pylint: disable=g-import-not-at-top
+  reward_tokenizer = default_assets.load_tokenizer()
+  config = ModelConfig(vocab_size=len(reward_tokenizer), num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
+                       head_dim=16, mlp_dim=128, max_seq_len=128, head="score")
+  reward_fn = rewards.retokenized_reward_model(transformer.init_params(config, jax.random.key(0)), config,
+                                               reward_tokenizer, id_tokenizer.IdTokenizer(8), max_len=128)
+  prompts, samples, prompt_len, new_tokens = 4, 4, 4, 4
+  batch = (jax.numpy.ones((prompts, prompt_len), "int32"), jax.numpy.ones((prompts, prompt_len), bool),
+           jax.numpy.ones((prompts, samples, new_tokens), "int32"),
+           jax.numpy.ones((prompts, samples, new_tokens), bool))
+  planned = jax.jit(lambda fn, *b: fn(*b)).lower(reward_fn, *batch).compile().memory_analysis().temp_size_in_bytes
+  reward_pass_bytes = memory_estimate._reward_pass_bytes  # pylint: disable=protected-access
+  estimated = reward_pass_bytes(reward_fn, prompts, samples, prompt_len, new_tokens, tensor=1)
+  assert planned <= estimated <= 3 * planned  # Laid out as a shared prompt and generations: 30x below.
