@@ -9,8 +9,8 @@ KV cache, under LoRA the step's copies of the adapted kernels, and the largest p
 `activation_bytes`: the remat policy, the micro-batches and the logits' chunks of `config.memory`; a reward
 model's pass too). The total adds them all, bounding both the train and the evaluation step, although the
 sampler's cache is dead by the time the update runs: it is meant to over-count, so that a run refused here would
-not have fitted. Measured against XLA's plans (`planned_bytes`): 1.05-1.09x at Llama shapes, 1.76x at Gemma-2B's, 1.2-1.8x at the
-tests' 2-layer shapes (benchmarks/RESULTS.md, "Memory estimate").
+not have fitted. Measured against XLA's plans (`planned_bytes`): 1.05-1.09x at Llama shapes, 1.76x at
+Gemma-2B's, 1.2-1.8x at the tests' 2-layer shapes (benchmarks/RESULTS.md, "Memory estimate").
 
 Example:
   >>> from bond_jax import run_config, sharding, train_state
