@@ -337,4 +337,4 @@ def test_memory_estimate_counts_the_adapters_and_the_step_copies_of_the_adapted_
   assert estimate.policy_params == estimate.anchor_params == nbytes(initial) < nbytes(ref_params) / 10
   adapted = lora.targeted_kernels(ref_params, tuple(config.policy.lora.targets))
   flat = traverse_util.flatten_dict(ref_params, sep="/")
-  assert estimate.merged_params == 6 * sum(nbytes(flat[path]) for path in adapted)
+  assert estimate.steps[memory_estimate.TRAIN_STEP].merged_params == 6 * sum(nbytes(flat[path]) for path in adapted)
