@@ -7,8 +7,9 @@ config (`configs/gemma_2b_jbond.py` for Gemma, `configs/llama3_8b_jbond.py` for 
 256, 256 new tokens, bfloat16 compute, their remat and micro-batches), and prints per model and mesh:
 
 - XLA's plan per device (`memory_estimate.planned_bytes`: temporaries + arguments + outputs - donated) of the
-  train and evaluation steps, and the run's estimate (`memory_estimate.estimate_train_memory`), which must bound
-  both from above (the run's check refuses a run on it before compiling);
+  train and evaluation steps (the evaluation's with the anchor and the optimizer state, which stay on the devices
+  while it runs), and the run's estimate (`memory_estimate.estimate_train_memory`), which must bound both from
+  above (the run's check refuses a run on it before compiling);
 - collective bytes per train step (`hlo_collectives`: the whole operands, loops multiplied out, the decoding
   loops counted at `max_new_tokens - 1` iterations, of a conditional the costliest branch) against ZeRO-3's:
   every pass gathering the weights it reads once (the decoding weights in the compute dtype, each forward pass
@@ -135,13 +136,14 @@ def measure(name: str, mesh_shape, hlo_dir: str = "") -> dict:
   train_collectives = hlo_collectives.summarize(train.as_text(), unknown_trip_count=loops)
   eval_collectives = hlo_collectives.summarize(evaluate.as_text(), unknown_trip_count=loops)
   compiles = timings.get("compiles", [total_s / 2, total_s / 2])
-  planned_train, planned_eval = memory_estimate.planned_bytes(train), memory_estimate.planned_bytes(evaluate)
+  planned_train, planned_eval = steps.planned_train, steps.planned_eval
   return dict(
       mesh=row_mesh(config),
       planned_train_gib=planned_train / GIB, planned_eval_gib=planned_eval / GIB,
       planned_gib=max(planned_train, planned_eval) / GIB, estimate_gib=estimate.total / GIB,
       estimate_over_plan=estimate.total / max(planned_train, planned_eval),
       estimate_parts_gib={part: value / GIB for part, value in estimate.parts().items()},
+      estimate_peak_step=estimate.peak_step,
       collective_gib=train_collectives.total_bytes / GIB,
       collective_gib_by_kind={k: v / GIB for k, v in train_collectives.bytes_by_kind.items() if v},
       zero3_gib=zero3_bytes(config, model_config, reward_config, mesh) / GIB,

@@ -43,6 +43,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from bond_jax import sharding
 from bond_jax.models import hf
 from bond_jax.models.config import ModelConfig
 
@@ -182,7 +183,8 @@ def merge(params: Params, adapter: Adapter, scale: float, dtype=None) -> Params:
   """`params` with `scale · A @ B` added to every kernel `adapter` adapts, in float32 and then cast to `dtype`.
 
   Untouched leaves are `params`' own arrays (no copy). The product is computed at the highest matmul precision
-  (an accelerator's default for float32 may round it to bfloat16).
+  (an accelerator's default for float32 may round it to bfloat16). On a mesh the merged kernels are laid out as
+  the base's are stored (`sharding.constrain_params`), not whole on every device.
 
   Args:
     params: the base's parameter tree.
@@ -206,7 +208,7 @@ def merge(params: Params, adapter: Adapter, scale: float, dtype=None) -> Params:
     delta = jnp.einsum("...ir,...ro->...io", pair[LORA_A], pair[LORA_B], precision=jax.lax.Precision.HIGHEST)
     merged = kernel.astype(jnp.float32) + scale * delta.reshape(kernel.shape)
     flat[f"{module}/kernel"] = merged.astype(kernel.dtype if dtype is None else dtype)
-  return traverse_util.unflatten_dict(flat, sep="/")
+  return sharding.constrain_params(traverse_util.unflatten_dict(flat, sep="/"))
 
 
 def is_pair(_, node) -> bool:

@@ -2,15 +2,16 @@
 what the device has.
 
 The parts held between steps (reference, policy, anchor, optimizer state, reward-model weights) are exact: the
-bytes of each leaf's shard under the shardings the trainer gives it. The steps' temporaries are modelled from the
-same shapes: the gradient (and, with micro-batches, its accumulator), XLA's copies of the donated state, the
-decoding weights (the policy in the compute dtype, its layers stacked and all-gathered over `fsdp`), the sampler's
-KV cache, under LoRA the step's copies of the adapted kernels, and the largest pass's activations (assumptions in
-`activation_bytes`: the remat policy, the micro-batches and the logits' chunks of `config.memory`; a reward
-model's pass too). The total adds them all, bounding both the train and the evaluation step, although the
-sampler's cache is dead by the time the update runs: it is meant to over-count, so that a run refused here would
-not have fitted. Measured against XLA's plans (`planned_bytes`): 1.05-1.09x at Llama shapes, 1.76x at
-Gemma-2B's, 1.2-1.8x at the tests' 2-layer shapes (benchmarks/RESULTS.md, "Memory estimate").
+bytes of each leaf's shard under the shardings the trainer gives it. What a step holds beside them is modelled
+from the same shapes (`StepMemory`): the gradient (and, with micro-batches, its accumulator), XLA's copies of the
+donated state, the decoding weights (the policy in the compute dtype, its layers stacked and all-gathered over
+`fsdp`), the sampler's KV cache, under LoRA the step's copies of the adapted kernels, and the largest pass's
+activations (assumptions in `activation_bytes`: the remat policy, the micro-batches and the logits' chunks of
+`config.memory`; a reward model's pass too). The train step's parts are added up, since XLA keeps them live
+together; the evaluation step's phases (sampling, the reward model's pass, the KL's pass) are counted one at a
+time, since it does not. The estimate is the held parts plus the largest of these, meant to over-count, so that
+a run refused here would not have fitted. Measured against XLA's plans (`planned_bytes`) on 8 simulated CPU
+devices: benchmarks/RESULTS.md, "Memory estimate".
 
 Example:
   >>> from bond_jax import run_config, sharding, train_state
@@ -56,8 +57,44 @@ class MemoryBudgetError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class StepMemory:
+  """What a step, or one phase of a step, holds beside the run's held state, in bytes per device.
+
+  Attributes:
+    gradients: the policy's gradient, one of the policy's shapes (two with micro-batches: the sum and one part's).
+    optimizer_update: the step's new policy, anchor (when it moves) and optimizer state, beside the old ones.
+    decoding_params: the weights its passes read whole: models' layers stacked (`transformer.decoding_params`), in
+      the compute dtype, all-gathered over `fsdp` (still split over `tensor`), and a reward model's layers
+      stacked for its pass.
+    kv_cache: the sampler's KV cache of one inference micro-batch.
+    activations: the largest forward (and backward) pass (`activation_bytes`).
+    merged_params: LoRA: the step's copies of the adapted kernels (`_merged_bytes`); 0 for a full fine-tune.
+    stacked_params: the copies of the held weights that its passes scan over (each model's layers stacked, still
+      sharded), which XLA makes once and keeps live through the step.
+  """
+
+  gradients: int = 0
+  optimizer_update: int = 0
+  decoding_params: int = 0
+  kv_cache: int = 0
+  activations: int = 0
+  merged_params: int = 0
+  stacked_params: int = 0
+
+  @property
+  def total(self) -> int:
+    return sum(dataclasses.astuple(self))
+
+
+@dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-  """Bytes per device, by part.
+  """Bytes per device: the parts held between steps, and what each step or phase holds beside them.
+
+  The steps are what XLA does not hold at once: the train step, whose parts are added up (XLA keeps the
+  sampler's gathered weights and the KV cache's inputs live into the update), and the evaluation step's three
+  phases, which it holds one at a time (at Gemma-2B's shapes only the reward model's pass is live beside the held
+  state at the evaluation's peak: benchmarks/RESULTS.md, "Memory estimate"). `total` is the held parts plus the
+  largest step.
 
   Attributes:
     reference_params: the reference policy's parameters (an input of every step).
@@ -65,19 +102,7 @@ class MemoryEstimate:
     anchor_params: the anchor's parameters (a copy of the policy's shapes).
     optimizer_state: the optax state (AdamW: two moments of the policy's shapes, and counters).
     reward_params: a reward model's parameters (0 for programmatic rewards).
-    gradients: the policy's gradient, one of the policy's shapes.
-    optimizer_update: the step's new policy, anchor (when it moves) and optimizer state, beside the old ones.
-    decoding_params: the weights a decoding loop reads (`transformer.decoding_params`), of two models: the policy
-      in the compute dtype, its layers stacked and all-gathered over `fsdp` (still split over `tensor`); and the
-      reward model's layers stacked for its pass.
-    kv_cache: the largest sampler KV cache (training or evaluation), of one inference micro-batch.
-    activations: the largest forward (and backward) pass: the update (of one micro-batch, under the remat policy),
-      a forward-only pass of the policy (of one inference micro-batch: training's log-probs, evaluation's KL under
-      two models), or a reward model's forward over the samples it scores at once (each layer with its samples'
-      keys and values).
-    merged_params: LoRA: the step's copies of the adapted kernels (`_merged_bytes`: the policy's and the anchor's
-      merged kernels, the layer-stacked copies of three models', the kernels' gradient and, below float32, the
-      merge's float32 results); 0 for a full fine-tune.
+    steps: `StepMemory` by step or phase name (`STEP_NAMES`).
   """
 
   reference_params: int
@@ -85,25 +110,42 @@ class MemoryEstimate:
   anchor_params: int
   optimizer_state: int
   reward_params: int
-  gradients: int
-  optimizer_update: int
-  decoding_params: int
-  kv_cache: int
-  activations: int
-  merged_params: int = 0
+  steps: dict[str, StepMemory]
+
+  @property
+  def held(self) -> int:
+    """Bytes held between steps: the state, the reference and the reward model's weights."""
+    return (self.reference_params + self.policy_params + self.anchor_params + self.optimizer_state
+            + self.reward_params)
+
+  @property
+  def peak_step(self) -> str:
+    """The name of the step or phase that holds the most beside the held parts."""
+    return max(self.steps, key=lambda name: self.steps[name].total)
 
   @property
   def total(self) -> int:
-    return sum(self.parts().values())
+    return self.held + self.steps[self.peak_step].total
 
   def parts(self) -> dict[str, int]:
-    """Part names, as a person reads them, to bytes per device (the LoRA part only under LoRA)."""
-    return {field.name.replace("_", " ").replace("params", "parameters").replace("kv", "KV"): getattr(self, field.name)
-            for field in dataclasses.fields(self) if field.name != "merged_params" or self.merged_params}
+    """Part names, as a person reads them, to bytes per device: the held parts, then the peak step's (the LoRA
+    part only under LoRA)."""
+    held = {name: getattr(self, name) for name in ("reference_params", "policy_params", "anchor_params",
+                                                     "optimizer_state", "reward_params")}
+    peak = self.steps[self.peak_step]
+    step = {field.name: getattr(peak, field.name) for field in dataclasses.fields(peak)
+            if field.name not in ("merged_params", "stacked_params") or getattr(peak, field.name)}
+    return {name.replace("_", " ").replace("params", "parameters").replace("kv", "KV"): value
+            for name, value in (held | step).items()}
 
   def __str__(self) -> str:
     breakdown = ", ".join(f"{name} {_gib(value)}" for name, value in self.parts().items())
-    return f"{_gib(self.total)} GiB per device ({breakdown} GiB)"
+    return f"{_gib(self.total)} GiB per device at the {self.peak_step} ({breakdown} GiB)"
+
+
+TRAIN_STEP = "train step"
+EVAL_SAMPLING, EVAL_REWARD, EVAL_KL = "evaluation's sampling", "evaluation's reward model", "evaluation's KL"
+STEP_NAMES = (TRAIN_STEP, EVAL_SAMPLING, EVAL_REWARD, EVAL_KL)
 
 
 class MemoryLimit(NamedTuple):
@@ -291,16 +333,18 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
 
   The train state is built abstractly (`jax.eval_shape` of `train_state.create_train_state`) and sharded by
   `sharding.param_shardings`, as `trainer.sharded_train_state` does. Prompts per device are `batch_size / (data x
-  fsdp)`. The KV cache is the largest of the sampler's: policy and anchor samples of a train step
-  (`algorithm.sample_counts()`), and evaluation's `eval.num_policy_samples` policy samples and
-  `eval.num_ref_samples` reference samples, of one inference micro-batch (`config.memory.inference_micro_batches`).
-  The activations are the largest of: the update's forward and backward over the policy samples and the Best-of-n
-  anchor samples of one micro-batch (`config.memory.micro_batches`) under `config.memory.remat`, the forward-only
-  passes of the log-probs (training's over the policy samples, evaluation's KL over its policy samples under two
-  models), and a reward model's forward over the most samples per prompt that a step scores (its shapes read from
-  its weights). One estimate bounds both the train and the evaluation step. The reference of a full fine-tune is
-  held in the compute dtype (`config.policy.dtype`), as the trainer holds it; under LoRA the frozen base is as
-  `fine_tuning.setup` made it.
+  fsdp)`. Beside the held parts, the estimate takes the largest of:
+  - the train step: the gradient, the optimizer update, the decoding weights of two models and the reward model's,
+    the sampler's KV cache for the policy and anchor samples (`algorithm.sample_counts()`) and the largest pass:
+    the update's forward and backward over the policy samples and the Best-of-n anchor samples of one
+    micro-batch (`config.memory.micro_batches`) under `config.memory.remat`, the log-probs' forward-only pass, or
+    the reward model's forward over the samples it scores at once (its shapes read from its weights);
+  - the evaluation's phases, one at a time: sampling (two models' decoding weights, the KV cache for
+    `eval.num_policy_samples` and `eval.num_ref_samples` samples per prompt), the reward model's pass over the
+    most of them, and the KL's pass over the policy samples under two models.
+  Sampling and the forward-only passes run on one inference micro-batch (`config.memory.inference_micro_batches`).
+  The reference of a full fine-tune is held in the compute dtype (`config.policy.dtype`), as the trainer holds it;
+  under LoRA the frozen base is as `fine_tuning.setup` made it.
   Not counted: the exact evaluation of `config.exact`.
 
   Args:
@@ -335,40 +379,57 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   algorithm = algorithms.from_config(config)
   reward_bytes = 0 if reward_fn is None else per_device_bytes(reward_fn, sharding.param_shardings(reward_fn, mesh))
   frozen = jax.eval_shape(lambda p: fine_tuning.held_frozen(config, p, initial), ref_params)
-  decoding = jax.eval_shape(lambda p: transformer.cast_weights(p, config.policy.dtype), policy)
 
   prompts_per_device = config.batch_size // _data_parallel_size(mesh)
   update_prompts = prompts_per_device // config.memory.micro_batches
   inference_prompts = prompts_per_device // config.memory.inference_micro_batches
   prompt_len, new_tokens = config.data.prompt_len, config.sampling.max_new_tokens
   num_policy, num_anchor = algorithm.sample_counts()
-  num_best = algorithm.num_best_of_n()
-  num_eval_policy = config.eval.num_policy_samples
-  most_samples = max(num_policy, num_anchor, num_eval_policy, config.eval.num_ref_samples)
+  train_samples = max(num_policy, num_anchor)
+  eval_samples = max(config.eval.num_policy_samples, config.eval.num_ref_samples)
   tensor = mesh.shape.get("tensor", 1)
   passes = functools.partial(activation_bytes, model_config, prompt_len=prompt_len, new_tokens=new_tokens,
                              tensor=tensor)
-  gradients = state_bytes("params") * (2 if config.memory.micro_batches > 1 else 1)  # the sum and one part's
+  reward_pass = functools.partial(_reward_pass_bytes, reward_fn, inference_prompts, prompt_len=prompt_len,
+                                  new_tokens=new_tokens, tensor=tensor)
+  kv_cache = lambda samples: kv_cache_bytes(model_config, inference_prompts * samples,  # noqa: E731
+                                            prompt_len + new_tokens - 1, tensor)
+  gathered = lambda dtype: fsdp_gathered_bytes(  # noqa: E731
+      jax.eval_shape(lambda p: transformer.cast_weights(p, dtype), policy), mesh)
+  # Two models' decoding weights: a step samples from two (policy and anchor; evaluation: policy and reference),
+  # and the first's stay live while the second's are gathered, which XLA may do in float32 before narrowing them
+  # (on CPU, whose collectives have no bfloat16, it does).
+  two_models = 2 * gathered(config.policy.dtype)
+  sampling_weights = gathered(config.policy.dtype) + gathered(jnp.float32)
+  train = StepMemory(
+      gradients=state_bytes("params") * (2 if config.memory.micro_batches > 1 else 1),
+      optimizer_update=(state_bytes("params") + state_bytes("opt_state")
+                        + (state_bytes("anchor_params") if algorithm.anchor_moves else 0)),
+      decoding_params=two_models + reward_bytes,
+      kv_cache=kv_cache(train_samples),
+      activations=max(passes(update_prompts, num_policy + algorithm.num_best_of_n(), backward=True,
+                             remat=config.memory.remat),
+                      passes(inference_prompts, num_policy, backward=False),
+                      reward_pass(train_samples)),
+      merged_params=0 if initial is None else _merged_bytes(policy, state.params, mesh))
+  reference_bytes = per_device_bytes(frozen, sharding.param_shardings(frozen, mesh))
+  # The evaluation's models, stacked: counted in its phases only, since the train step's added-up parts (among
+  # them the optimizer update's copies, which XLA partly writes over the donated state) already exceed them.
+  evaluated = state_bytes("params") + reference_bytes + reward_bytes
   return MemoryEstimate(
-      reference_params=per_device_bytes(frozen, sharding.param_shardings(frozen, mesh)),
+      reference_params=reference_bytes,
       policy_params=state_bytes("params"),
       anchor_params=state_bytes("anchor_params"),
       optimizer_state=state_bytes("opt_state"),
       reward_params=reward_bytes,
-      gradients=gradients,
-      optimizer_update=(state_bytes("params") + state_bytes("opt_state")
-                        + (state_bytes("anchor_params") if algorithm.anchor_moves else 0)),
-      # Two models' decoding weights: a step samples from two (policy and anchor; evaluation: policy and reference),
-      # and the first's may stay live while the second's are gathered.
-      decoding_params=2 * fsdp_gathered_bytes(decoding, mesh) + reward_bytes,
-      kv_cache=kv_cache_bytes(model_config, inference_prompts * most_samples, prompt_len + new_tokens - 1, tensor),
-      activations=max(
-          passes(update_prompts, num_policy + num_best, backward=True, remat=config.memory.remat),
-          passes(inference_prompts, num_policy, backward=False),
-          passes(inference_prompts, num_eval_policy, backward=False, models=2),
-          _reward_pass_bytes(reward_fn, inference_prompts, most_samples, prompt_len, new_tokens, tensor)),
-      merged_params=0 if initial is None else _merged_bytes(policy, state.params, mesh),
-  )
+      steps={TRAIN_STEP: train,
+             EVAL_SAMPLING: StepMemory(decoding_params=sampling_weights, kv_cache=kv_cache(eval_samples),
+                                       stacked_params=evaluated),
+             EVAL_REWARD: StepMemory(decoding_params=reward_bytes, activations=reward_pass(eval_samples),
+                                     stacked_params=evaluated),
+             EVAL_KL: StepMemory(decoding_params=two_models, activations=passes(
+                 inference_prompts, config.eval.num_policy_samples, backward=False, models=2),
+                                 stacked_params=evaluated)})
 
 
 def _merged_bytes(policy: Any, adapter: Any, mesh: Mesh) -> int:
@@ -492,11 +553,12 @@ def check_fits(estimate: MemoryEstimate, limit: MemoryLimit) -> None:
   """Raises `MemoryBudgetError` when `estimate.total` exceeds `limit`, naming the parts and what to change.
 
   Example:
-    >>> parts = dict.fromkeys([field.name for field in dataclasses.fields(MemoryEstimate)], 0)
-    >>> check_fits(MemoryEstimate(**parts | {"activations": 2 * GIB}), MemoryLimit(GIB, "1 GiB"))  # doctest: +ELLIPSIS
+    >>> held = dict(reference_params=0, policy_params=0, anchor_params=0, optimizer_state=GIB, reward_params=0)
+    >>> estimate = MemoryEstimate(**held, steps={TRAIN_STEP: StepMemory(activations=GIB)})
+    >>> check_fits(estimate, MemoryLimit(GIB, "1 GiB"))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    bond_jax.memory_estimate.MemoryBudgetError: the run needs an estimated 2 GiB per device ...
+    bond_jax.memory_estimate.MemoryBudgetError: the run needs an estimated 2 GiB per device at the train step ...
   """
   if estimate.total <= limit.bytes_per_device:
     return

@@ -302,10 +302,35 @@ def params_after(params: Any, value: Any, rules: Sequence[tuple[str, P]] = DEFAU
       return x
     return jax.lax.concatenate([x[:1] + zero.astype(x.dtype), x[1:]], 0)
 
-  specs = jax.tree_util.tree_map_with_path(
-      lambda path, leaf: _rule_spec(_path_str(path), tuple(leaf.shape), rules, sizes), params)
+  specs = _stored_specs(params, rules, sizes)
   return jax.shard_map(lambda p, z: jax.tree.map(dependent, p), in_specs=(specs, P()), out_specs=specs,
                        check_vma=False)(params, zero)
+
+
+def _stored_specs(params: Any, rules: Sequence[tuple[str, P]], sizes: dict[str, int]) -> Any:
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: _rule_spec(_path_str(path), tuple(leaf.shape), rules, sizes), params)
+
+
+def constrain_params(params: Any, rules: Sequence[tuple[str, P]] = DEFAULT_PARAM_RULES) -> Any:
+  """`params` constrained to their partition specs on the mesh of `jax.set_mesh`, as the train state stores them.
+
+  For parameters a step computes (`lora.merge`'s merged kernels): left to itself XLA may lay them out whole on
+  every device (a LoRA product `A @ B` has both its axes sharded over `fsdp`, so no layout of the result follows
+  from its inputs'), where ZeRO-3 keeps them split and gathers one layer at a time. Unchanged without a mesh.
+
+  Example:
+    >>> from bond_jax.models import config as model_config_lib, transformer
+    >>> params = transformer.init_params(model_config_lib.tiny(), jax.random.key(0))
+    >>> with jax.set_mesh(make_mesh((1, 4, 2))):
+    ...   doubled = jax.jit(lambda p: constrain_params(jax.tree.map(lambda x: 2 * x, p)))(params)
+    >>> doubled["layer_0"]["attn"]["q"]["kernel"].sharding.spec
+    P('fsdp', 'tensor')
+  """
+  sizes = _context_mesh_sizes()
+  if sizes is None:
+    return params
+  return jax.lax.with_sharding_constraint(params, _stored_specs(params, rules, sizes))
 
 
 def gather_over_fsdp(params: Any, rules: Sequence[tuple[str, P]] = DEFAULT_PARAM_RULES, layer_axis: bool = False,

@@ -27,9 +27,22 @@ class CompiledSteps(NamedTuple):
   inputs: memory_estimate.StepInputs
 
   @property
+  def planned_train(self) -> int:
+    """XLA's plan per device of the train step (`memory_estimate.planned_bytes`)."""
+    return memory_estimate.planned_bytes(self.train)
+
+  @property
+  def planned_eval(self) -> int:
+    """XLA's plan per device of the evaluation step, with the anchor and the optimizer state, which are not its
+    arguments but stay on the devices while it runs."""
+    idle = (self.inputs.state.anchor_params, self.inputs.state.opt_state)
+    shardings = (self.inputs.state_shardings.anchor_params, self.inputs.state_shardings.opt_state)
+    return memory_estimate.planned_bytes(self.evaluate) + memory_estimate.per_device_bytes(idle, shardings)
+
+  @property
   def planned(self) -> int:
-    """XLA's plan per device (`memory_estimate.planned_bytes`) of the larger of the two steps."""
-    return max(memory_estimate.planned_bytes(self.train), memory_estimate.planned_bytes(self.evaluate))
+    """The run's footprint per device as XLA plans it: the larger of the two steps'."""
+    return max(self.planned_train, self.planned_eval)
 
 
 def abstract_setup(config, ref_params):

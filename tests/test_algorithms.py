@@ -142,7 +142,8 @@ def test_a_registered_method_runs_everywhere_unchanged(registered):
 
   # Its anchor moves, so the update holds a new anchor beside the old.
   estimate = memory_estimate.estimate_train_memory(config, MODEL, params, optimizer, sharding.make_mesh((-1, 1, 1)))
-  assert estimate.optimizer_update == estimate.policy_params + estimate.optimizer_state + estimate.anchor_params
+  assert estimate.steps[memory_estimate.TRAIN_STEP].optimizer_update == (
+      estimate.policy_params + estimate.optimizer_state + estimate.anchor_params)
 
   # Its target, Best-of-3 of the reference, has a KL to it of at most log 3 - 2/3.
   exact = jax.jit(exact_evaluation.make_exact_step(config, MODEL, TOKEN_REWARD))(

@@ -315,6 +315,23 @@ def test_adapters_are_sharded_over_fsdp_never_tensor(base):
       x, jax.sharding.PartitionSpec)))
 
 
+def test_merged_kernels_are_laid_out_as_the_base_is_stored(base):
+  """A LoRA product `A @ B` has both axes split over fsdp, so nothing in its inputs says how to lay it out; the
+  merged kernel must come out split as the base's (ZeRO-3), not whole on every device, with the same values."""
+  adapter = perturbed(lora.init_adapter(base, lora.Lora(rank=4, alpha=8.0), jax.random.key(0)), 0.1, seed=1)
+  mesh = sharding.make_mesh((1, 4, 2))
+  with jax.set_mesh(mesh):
+    merged = jax.jit(lambda p, a: lora.merge(p, a, scale=2.0))(base, adapter)
+  stored = sharding.param_partition_specs(base, mesh=mesh)
+  for module in ("mlp/down", "attn/q"):
+    kernel = traverse_util.flatten_dict(merged, sep="/")[f"layer_0/{module}/kernel"]
+    expected = traverse_util.flatten_dict(stored, sep="/")[f"layer_0/{module}/kernel"]
+    assert "fsdp" in expected and kernel.sharding.is_equivalent_to(
+        jax.sharding.NamedSharding(mesh, expected), kernel.ndim), (module, kernel.sharding.spec)
+  np.testing.assert_allclose(merged["layer_0"]["mlp"]["down"]["kernel"], lora.merge(base, adapter, scale=2.0)[
+      "layer_0"]["mlp"]["down"]["kernel"], rtol=1e-6)
+
+
 def test_memory_estimate_counts_the_adapters_and_the_step_copies_of_the_adapted_kernels():
   """BOND with LoRA on an (8, 1, 1) mesh (abstract: nothing is allocated): the trained state is the adapters and
   their AdamW moments, the reference the base, and the step's copies of the adapted kernels are counted (float32
@@ -337,4 +354,4 @@ def test_memory_estimate_counts_the_adapters_and_the_step_copies_of_the_adapted_
   assert estimate.policy_params == estimate.anchor_params == nbytes(initial) < nbytes(ref_params) / 10
   adapted = lora.targeted_kernels(ref_params, tuple(config.policy.lora.targets))
   flat = traverse_util.flatten_dict(ref_params, sep="/")
-  assert estimate.merged_params == 6 * sum(nbytes(flat[path]) for path in adapted)
+  assert estimate.steps[memory_estimate.TRAIN_STEP].merged_params == 6 * sum(nbytes(flat[path]) for path in adapted)

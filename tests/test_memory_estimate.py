@@ -1,6 +1,6 @@
 """The memory estimate against XLA's own accounting of the train and evaluation steps as the trainer compiles them,
-on data, fsdp, tensor and mixed meshes: the state parts equal the train step's arguments byte for byte, and the
-total bounds the larger step's whole footprint from above, within a band; the KV cache against its closed form;
+on data, fsdp, tensor and mixed meshes at real widths: the state parts equal the train step's arguments byte for
+byte, and the estimate bounds each step's whole footprint from above, within a band; the KV cache against its closed form;
 and a run that cannot fit stops before compiling, in one line from the run script."""
 
 import dataclasses
@@ -24,22 +24,18 @@ import compiled_steps
 import tiny_run
 
 
-# The estimate must never be below XLA's plan (a run let through must fit); the issue asks it to be at most 1.3x
-# above, which holds for the fsdp case (1.24x) and at 2B-8B shapes but Gemma-2B's (benchmarks/RESULTS.md). At these
-# 2-layer, d_model-64 shapes it does not for the other meshes (XLA on CPU, measured 2026-11-30, after prompts and
-# samples came to share one pass of the layers): data 1.65x, tensor 1.55x, mixed 1.79x. There the estimate's sum
-# counts, beside the exact state, parts that XLA does not hold at once: XLA's copies of the donated state, the
-# gradient (two with micro-batches), two models' decoding weights, the KV cache and the largest pass's activations,
-# whose per-token model keeps every float32 intermediate of a layer. Two tighter structures were measured and rejected
-# because they fell below XLA's plan: the held state plus the largest phase only (0.78x on a (1, 8, 1) J-BOND step:
-# XLA keeps the sampler's gathered weights live into the log-prob passes), and the train and evaluation steps' parts
-# apart (0.97x on a (1, 4, 2) micro-batched step, whose per-layer gathered weights of several passes are live at
-# once).
+# The estimate must never be below XLA's plan of either step (a run let through must fit) and, as the issue asks, at
+# most 1.3x the larger: measured 1.12x (fsdp), 1.26x (tensor) and 1.16x (mixed) at these 4-layer shapes of real
+# widths, and 1.0-1.1x at Gemma-2B's and the Llamas' (benchmarks/RESULTS.md, "Memory estimate"; XLA on CPU,
+# 2026-11-30). The data-parallel case is 1.45x: there XLA writes the optimizer update over the donated, replicated
+# state in place, while at Gemma-2B's shapes on the same mesh it holds a copy (0.76x without counting one).
 MAX_OVERESTIMATE = 1.3
-MAX_OVERESTIMATE_OF = {"data": 1.7, "tensor": 1.6, "mixed": 1.85}
+MAX_OVERESTIMATE_OF = {"data": 1.5}
 
-MODEL = ModelConfig(vocab_size=256, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
-                    max_seq_len=32, stop_token_ids=(2,))
+# Real widths (Gemma-2B's d_model, heads of 256), few layers and tokens: weights and their copies dominate, as at
+# scale; a tiny width's plan is dominated by small buffers the estimate does not model.
+MODEL = ModelConfig(vocab_size=32768, num_layers=4, d_model=2048, num_heads=8, num_kv_heads=2, head_dim=256,
+                    mlp_dim=8192, max_seq_len=32, stop_token_ids=(2,))
 # Mesh (data, fsdp, tensor) -> what the case exercises besides it: J-BOND unless said, 16 prompts of 8 tokens, 8 new.
 MESH_CASES = {
     "data": ((8, 1, 1), {"algorithm": "bond", "memory.remat": "block", "memory.micro_batches": 2}),
@@ -62,8 +58,8 @@ STEP_AND_RNG_BYTES = 4 + 8  # TrainState.step, int32 scalar; TrainState.rng, uin
 
 def _reward_model():
   """A 1-layer reward model over `MODEL`'s vocabulary, abstract: its weights are arguments of the steps."""
-  rm_config = ModelConfig(vocab_size=MODEL.vocab_size, num_layers=1, d_model=32, num_heads=2, num_kv_heads=2,
-                          head_dim=16, mlp_dim=64, max_seq_len=MODEL.max_seq_len, head="score")
+  rm_config = ModelConfig(vocab_size=MODEL.vocab_size, num_layers=1, d_model=1024, num_heads=4, num_kv_heads=2,
+                          head_dim=256, mlp_dim=4096, max_seq_len=MODEL.max_seq_len, head="score")
   return rewards.reward_model(jax.eval_shape(lambda: transformer.init_params(rm_config, jax.random.PRNGKey(1))),
                               rm_config)
 
@@ -109,9 +105,15 @@ def test_state_parts_are_the_step_arguments_byte_for_byte(mesh_step):
 
 def test_estimate_bounds_what_xla_plans_for_the_train_and_evaluation_steps(mesh_step):
   case, _, _, steps = mesh_step
-  ratio = steps.estimate.total / steps.planned
+  estimate = steps.estimate
+  train = estimate.held + estimate.steps[memory_estimate.TRAIN_STEP].total
+  evaluation = estimate.held + max(estimate.steps[name].total for name in memory_estimate.STEP_NAMES[1:])
+  assert train >= steps.planned_train and evaluation >= steps.planned_eval, (
+      f"{case}: train {train} B against XLA's {steps.planned_train} B, evaluation {evaluation} B against "
+      f"{steps.planned_eval} B")
+  ratio = estimate.total / steps.planned
   assert 1.0 <= ratio <= MAX_OVERESTIMATE_OF.get(case, MAX_OVERESTIMATE), (
-      f"{case}: estimate {steps.estimate.total} B against XLA's {steps.planned} B: {ratio:.2f}x")
+      f"{case}: estimate {estimate.total} B against XLA's {steps.planned} B: {ratio:.2f}x")
 
 
 def test_state_parts_on_one_device_and_sharded(policy, tiny_policy_dir):
@@ -122,34 +124,37 @@ def test_state_parts_on_one_device_and_sharded(policy, tiny_policy_dir):
   full = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ref_params))
   one = memory_estimate.estimate_train_memory(config, model_config, ref_params, optimizer,
                                               sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
-  assert one.reference_params == one.policy_params == one.anchor_params == one.gradients == full
+  train = one.steps[memory_estimate.TRAIN_STEP]
+  assert one.reference_params == one.policy_params == one.anchor_params == train.gradients == full
   assert 2 * full < one.optimizer_state < 2 * full + 64  # Two moments, plus a few scalar counters.
-  assert one.decoding_params == 2 * full and one.reward_params == 0  # Two models' layers stacked for decoding.
+  assert train.decoding_params == 2 * full and one.reward_params == 0  # Two models' layers stacked for decoding.
   sharded = memory_estimate.estimate_train_memory(config, model_config, ref_params, optimizer,
                                                   sharding.make_mesh((1, 4, 2)))
   assert full / 8 <= sharded.policy_params < full / 2
-  assert sharded.decoding_params > sharded.policy_params  # Gathered over fsdp, still split over tensor.
+  # Gathered over fsdp, still split over tensor.
+  assert sharded.steps[memory_estimate.EVAL_SAMPLING].decoding_params > 2 * sharded.policy_params
 
 
-def test_kv_cache_is_the_largest_sampler_cache(policy, tiny_policy_dir):
+def test_kv_cache_is_each_steps_sampler_cache(policy, tiny_policy_dir):
   ref_params, model_config = policy  # 1 layer, 2 KV heads of 8 dims, float32.
   mesh = sharding.make_mesh((2, 2, 2))  # 8 prompts over data x fsdp = 4: 2 prompts per device.
   bytes_per_slot = 2 * 1 * 1 * 8 * 4 + 1  # Keys and values of every layer (2 KV heads over tensor 2), the bool mask.
   slots = 8 + 4 - 1  # prompt_len + max_new_tokens - 1.
   optimizer = train_state_lib.make_optimizer(run_config.base_config().optimizer)
-  cases = [
-      ({"algorithm": "bond", "bond.num_anchor_samples": 16}, 16),  # 16 anchor samples per prompt.
-      ({"eval.num_ref_samples": 24}, 24),  # Evaluation draws 24 reference samples per prompt.
-      ({}, 8),  # J-BOND's 1 + 2 samples are fewer than evaluation's 8 reference samples.
+  kv_cache = lambda estimate, step: estimate.steps[step].kv_cache  # noqa: E731
+  cases = [  # Samples per prompt of the train step's and the evaluation's sampler.
+      ({"algorithm": "bond", "bond.num_anchor_samples": 16}, 16, 8),  # 16 anchor samples; 8 reference samples.
+      ({"eval.num_ref_samples": 24}, 2, 24),  # J-BOND: 1 policy and 2 anchor samples; 24 reference samples.
   ]
-  for overrides, samples in cases:
+  for overrides, train_samples, eval_samples in cases:
     config = tiny_run.tiny_config(tiny_policy_dir, **overrides)
     estimate = memory_estimate.estimate_train_memory(config, model_config, ref_params, optimizer, mesh)
-    assert estimate.kv_cache == 2 * samples * slots * bytes_per_slot, overrides
+    assert kv_cache(estimate, memory_estimate.TRAIN_STEP) == 2 * train_samples * slots * bytes_per_slot, overrides
+    assert kv_cache(estimate, memory_estimate.EVAL_SAMPLING) == 2 * eval_samples * slots * bytes_per_slot, overrides
   # Sampled in 2 micro-batches: one prompt per device at a time.
   config = tiny_run.tiny_config(tiny_policy_dir, **{"memory.inference_micro_batches": 2})
   estimate = memory_estimate.estimate_train_memory(config, model_config, ref_params, optimizer, mesh)
-  assert estimate.kv_cache == 1 * 2 * 4 * slots * bytes_per_slot
+  assert kv_cache(estimate, memory_estimate.EVAL_SAMPLING) == 1 * 8 * slots * bytes_per_slot
   bfloat16 = dataclasses.replace(model_config, dtype="bfloat16")
   assert memory_estimate.kv_cache_bytes(bfloat16, rows=3, slots=5) == 3 * 5 * (2 * 1 * 2 * 8 * 2 + 1)
 
@@ -166,16 +171,18 @@ def test_device_memory_limit():
 
 
 def test_check_fits_names_the_total_the_limit_and_the_parts():
+  train = memory_estimate.StepMemory(gradients=2 ** 30, optimizer_update=2 ** 32, kv_cache=2 ** 29,
+                                     activations=3 * 2 ** 31)
+  evaluation = memory_estimate.StepMemory(decoding_params=2 ** 31, activations=2 ** 33)  # 10 GiB, below 11.5.
   estimate = memory_estimate.MemoryEstimate(
       reference_params=2 ** 30, policy_params=2 ** 30, anchor_params=2 ** 30, optimizer_state=2 ** 31,
-      reward_params=0, gradients=2 ** 30, optimizer_update=2 ** 32, decoding_params=0, kv_cache=2 ** 29,
-      activations=3 * 2 ** 31)
-  assert estimate.total == int(16.5 * 2 ** 30)
+      reward_params=0, steps={memory_estimate.TRAIN_STEP: train, memory_estimate.EVAL_KL: evaluation})
+  assert estimate.total == int(16.5 * 2 ** 30) and estimate.peak_step == memory_estimate.TRAIN_STEP
   memory_estimate.check_fits(estimate, memory_estimate.MemoryLimit(estimate.total, "enough"))
   with pytest.raises(memory_estimate.MemoryBudgetError) as error:
     memory_estimate.check_fits(estimate, memory_estimate.MemoryLimit(16 * 2 ** 30, "the device's own limit (H100)"))
   message = str(error.value)
-  assert "16.5 GiB per device" in message and "16 GiB per device available (the device's own limit (H100))" in message
+  assert "16.5 GiB per device at the train step" in message and "16 GiB per device available (the device's own limit (H100))" in message
   assert "optimizer state 2, " in message and "KV cache 0.5, activations 6 GiB" in message
   assert "the largest part is activations" in message
   for advice in ("config.batch_size", "config.sampling.max_new_tokens", "bfloat16", "config.mesh_shape",
