@@ -9,7 +9,7 @@ donated state, the decoding weights (the policy in the compute dtype, its layers
 activations (assumptions in `activation_bytes`: the remat policy, the micro-batches and the logits' chunks of
 `config.memory`; a reward model's pass too). The train step's parts are added up, since XLA keeps them live
 together; the evaluation step's phases (sampling, the reward model's pass, the KL's pass) are counted one at a
-time, since it does not. The estimate is the held parts plus the largest of these, meant to over-count, so that
+time, since it does not, each with the layer-stacked copies XLA makes of the evaluated models' weights. The estimate is the held parts plus the largest of these, meant to over-count, so that
 a run refused here would not have fitted. Measured against XLA's plans (`planned_bytes`) on 8 simulated CPU
 devices: benchmarks/RESULTS.md, "Memory estimate".
 
@@ -64,8 +64,8 @@ class StepMemory:
     gradients: the policy's gradient, one of the policy's shapes (two with micro-batches: the sum and one part's).
     optimizer_update: the step's new policy, anchor (when it moves) and optimizer state, beside the old ones.
     decoding_params: the weights its passes read whole: models' layers stacked (`transformer.decoding_params`), in
-      the compute dtype, all-gathered over `fsdp` (still split over `tensor`), and a reward model's layers
-      stacked for its pass.
+      the compute dtype (while sampling, the second model's as XLA may gather them: in float32), all-gathered
+      over `fsdp` (still split over `tensor`), and a reward model's layers stacked for its pass.
     kv_cache: the sampler's KV cache of one inference micro-batch.
     activations: the largest forward (and backward) pass (`activation_bytes`).
     merged_params: LoRA: the step's copies of the adapted kernels (`_merged_bytes`); 0 for a full fine-tune.
@@ -91,7 +91,7 @@ class MemoryEstimate:
   """Bytes per device: the parts held between steps, and what each step or phase holds beside them.
 
   The steps are what XLA does not hold at once: the train step, whose parts are added up (XLA keeps the
-  sampler's gathered weights and the KV cache's inputs live into the update), and the evaluation step's three
+  sampler's gathered weights live into the update), and the evaluation step's three
   phases, which it holds one at a time (at Gemma-2B's shapes only the reward model's pass is live beside the held
   state at the evaluation's peak: benchmarks/RESULTS.md, "Memory estimate"). `total` is the held parts plus the
   largest step.
@@ -339,7 +339,8 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
     the update's forward and backward over the policy samples and the Best-of-n anchor samples of one
     micro-batch (`config.memory.micro_batches`) under `config.memory.remat`, the log-probs' forward-only pass, or
     the reward model's forward over the samples it scores at once (its shapes read from its weights);
-  - the evaluation's phases, one at a time: sampling (two models' decoding weights, the KV cache for
+  - the evaluation's phases, one at a time, each with the layer-stacked copies of the evaluated models' held
+    weights: sampling (one model's decoding weights beside the other's gathered in float32, the KV cache for
     `eval.num_policy_samples` and `eval.num_ref_samples` samples per prompt), the reward model's pass over the
     most of them, and the KL's pass over the policy samples under two models.
   Sampling and the forward-only passes run on one inference micro-batch (`config.memory.inference_micro_batches`).
