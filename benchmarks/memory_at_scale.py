@@ -144,6 +144,7 @@ def measure(name: str, mesh_shape, hlo_dir: str = "") -> dict:
       estimate_over_plan=estimate.total / max(planned_train, planned_eval),
       estimate_parts_gib={part: value / GIB for part, value in estimate.parts().items()},
       estimate_peak_step=estimate.peak_step,
+      estimate_steps_gib={name: estimate.total_at(name) / GIB for name in estimate.steps},
       collective_gib=train_collectives.total_bytes / GIB,
       collective_gib_by_kind={k: v / GIB for k, v in train_collectives.bytes_by_kind.items() if v},
       zero3_gib=zero3_bytes(config, model_config, reward_config, mesh) / GIB,

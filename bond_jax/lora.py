@@ -203,12 +203,13 @@ def merge(params: Params, adapter: Adapter, scale: float, dtype=None) -> Params:
            [2., 2., 2.]], dtype=float32)
   """
   flat = dict(traverse_util.flatten_dict(params, sep="/"))
+  merged = {}
   for module, pair in traverse_util.flatten_dict(adapter, sep="/", is_leaf=is_pair).items():
     kernel = flat[f"{module}/kernel"]
     delta = jnp.einsum("...ir,...ro->...io", pair[LORA_A], pair[LORA_B], precision=jax.lax.Precision.HIGHEST)
-    merged = kernel.astype(jnp.float32) + scale * delta.reshape(kernel.shape)
-    flat[f"{module}/kernel"] = merged.astype(kernel.dtype if dtype is None else dtype)
-  return sharding.constrain_params(traverse_util.unflatten_dict(flat, sep="/"))
+    summed = kernel.astype(jnp.float32) + scale * delta.reshape(kernel.shape)
+    merged[f"{module}/kernel"] = summed.astype(kernel.dtype if dtype is None else dtype)
+  return traverse_util.unflatten_dict(flat | sharding.constrain_params(merged), sep="/")
 
 
 def is_pair(_, node) -> bool:

@@ -9,9 +9,10 @@ donated state, the decoding weights (the policy in the compute dtype, its layers
 activations (assumptions in `activation_bytes`: the remat policy, the micro-batches and the logits' chunks of
 `config.memory`; a reward model's pass too). The train step's parts are added up, since XLA keeps them live
 together; the evaluation step's phases (sampling, the reward model's pass, the KL's pass) are counted one at a
-time, since it does not, each with the layer-stacked copies XLA makes of the evaluated models' weights. The estimate is the held parts plus the largest of these, meant to over-count, so that
-a run refused here would not have fitted. Measured against XLA's plans (`planned_bytes`) on 8 simulated CPU
-devices: benchmarks/RESULTS.md, "Memory estimate".
+time, since it does not, each with the layer-stacked copies XLA makes of the evaluated models' weights. The
+estimate is the held parts plus the largest of these, meant to over-count, so that a run refused here would not
+have fitted. Measured against XLA's plans (`planned_bytes`) on 8 simulated CPU devices: benchmarks/RESULTS.md,
+"Memory estimate per step".
 
 Example:
   >>> from bond_jax import run_config, sharding, train_state
@@ -50,6 +51,9 @@ from bond_jax.rewards import RewardFn
 
 GIB = 1024 ** 3
 _FLOAT32_BYTES = 4  # Attention scores, logits and rotary embeddings are computed in float32 whatever the compute dtype.
+# XLA packs a pass's many short-lived buffers into one allocation, with gaps: its plan exceeded the live peak by 1%
+# (Gemma-2B's evaluation, 1x8x1) to 25% (the same at 1x4x2: 38.9 GiB planned, 31.1 GiB live at once).
+_PACKING = 1.1
 
 
 class MemoryBudgetError(ValueError):
@@ -91,10 +95,10 @@ class MemoryEstimate:
   """Bytes per device: the parts held between steps, and what each step or phase holds beside them.
 
   The steps are what XLA does not hold at once: the train step, whose parts are added up (XLA keeps the
-  sampler's gathered weights live into the update), and the evaluation step's three
-  phases, which it holds one at a time (at Gemma-2B's shapes only the reward model's pass is live beside the held
-  state at the evaluation's peak: benchmarks/RESULTS.md, "Memory estimate"). `total` is the held parts plus the
-  largest step.
+  sampler's gathered weights live into the update), and the evaluation step's three phases, which it holds one at
+  a time (at Gemma-2B's evaluation peak, the reward model's pass and the evaluated models' stacked copies are live
+  beside the held state; the sampler's weights and KV cache are not: benchmarks/RESULTS.md, "Memory estimate per
+  step"). `total` is the held parts plus the largest step.
 
   Attributes:
     reference_params: the reference policy's parameters (an input of every step).
@@ -118,6 +122,10 @@ class MemoryEstimate:
     return (self.reference_params + self.policy_params + self.anchor_params + self.optimizer_state
             + self.reward_params)
 
+  def total_at(self, *names: str) -> int:
+    """Bytes per device while the largest of the steps or phases `names` runs: the held parts and its own."""
+    return self.held + max(self.steps[name].total for name in names)
+
   @property
   def peak_step(self) -> str:
     """The name of the step or phase that holds the most beside the held parts."""
@@ -125,16 +133,15 @@ class MemoryEstimate:
 
   @property
   def total(self) -> int:
-    return self.held + self.steps[self.peak_step].total
+    return self.total_at(*self.steps)
 
   def parts(self) -> dict[str, int]:
-    """Part names, as a person reads them, to bytes per device: the held parts, then the peak step's (the LoRA
-    part only under LoRA)."""
+    """Part names, as a person reads them, to bytes per device: the held parts, then the peak step's non-zero
+    ones."""
     held = {name: getattr(self, name) for name in ("reference_params", "policy_params", "anchor_params",
                                                      "optimizer_state", "reward_params")}
     peak = self.steps[self.peak_step]
-    step = {field.name: getattr(peak, field.name) for field in dataclasses.fields(peak)
-            if field.name not in ("merged_params", "stacked_params") or getattr(peak, field.name)}
+    step = {field.name: getattr(peak, field.name) for field in dataclasses.fields(peak) if getattr(peak, field.name)}
     return {name.replace("_", " ").replace("params", "parameters").replace("kv", "KV"): value
             for name, value in (held | step).items()}
 
@@ -145,7 +152,8 @@ class MemoryEstimate:
 
 TRAIN_STEP = "train step"
 EVAL_SAMPLING, EVAL_REWARD, EVAL_KL = "evaluation's sampling", "evaluation's reward model", "evaluation's KL"
-STEP_NAMES = (TRAIN_STEP, EVAL_SAMPLING, EVAL_REWARD, EVAL_KL)
+EVAL_PHASES = (EVAL_SAMPLING, EVAL_REWARD, EVAL_KL)
+STEP_NAMES = (TRAIN_STEP, *EVAL_PHASES)
 
 
 class MemoryLimit(NamedTuple):
@@ -247,7 +255,8 @@ def activation_bytes(model_config: ModelConfig, prompts: int, samples: int, prom
   ("none": all of the above; "block": the layer's input, `d c`; "matmuls": the outputs of its weight matmuls,
   `((heads + 2 kv_heads) head_dim + 2 d + 2 mlp_dim) c`), and one more layer's worth holds the cotangents being
   computed (two with remat: and the layer being recomputed); without it (a forward under `stop_gradient` or
-  evaluation), one layer's are live at a time and three logit copies.
+  evaluation), one layer's are live at a time and three logit copies. The sum is taken a tenth larger for the gaps
+  XLA leaves when it packs the pass's buffers into one allocation (`_PACKING`).
 
   Args:
     model_config: the policy's config.
@@ -291,8 +300,8 @@ def activation_bytes(model_config: ModelConfig, prompts: int, samples: int, prom
   head = rows * (head_len * d * c + models * chunk * logit_copies * vocab * _FLOAT32_BYTES)
   if backward:
     working = 1 if remat == "none" else 2  # the cotangents being computed, and the layer being recomputed
-    return model_config.num_layers * kept + working * layer + head
-  return layer + head
+    return math.ceil(_PACKING * (model_config.num_layers * kept + working * layer + head))
+  return math.ceil(_PACKING * (layer + head))
 
 
 def _reward_model_config(reward_fn: RewardFn | None) -> ModelConfig | None:
@@ -398,10 +407,11 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   gathered = lambda dtype: fsdp_gathered_bytes(  # noqa: E731
       jax.eval_shape(lambda p: transformer.cast_weights(p, dtype), policy), mesh)
   # Two models' decoding weights: a step samples from two (policy and anchor; evaluation: policy and reference),
-  # and the first's stay live while the second's are gathered, which XLA may do in float32 before narrowing them
-  # (on CPU, whose collectives have no bfloat16, it does).
+  # and the first's stay live while the second's are gathered. XLA's CPU, whose collectives have no bfloat16,
+  # gathers them in float32 (measured at Llama-3.2-3B's evaluation); the train step's added-up parts cover that.
   two_models = 2 * gathered(config.policy.dtype)
-  sampling_weights = gathered(config.policy.dtype) + gathered(jnp.float32)
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  sampling_weights = gathered(config.policy.dtype) + gathered(jnp.float32 if on_cpu else config.policy.dtype)
   train = StepMemory(
       gradients=state_bytes("params") * (2 if config.memory.micro_batches > 1 else 1),
       optimizer_update=(state_bytes("params") + state_bytes("opt_state")
@@ -412,11 +422,16 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
                              remat=config.memory.remat),
                       passes(inference_prompts, num_policy, backward=False),
                       reward_pass(train_samples)),
-      merged_params=0 if initial is None else _merged_bytes(policy, state.params, mesh))
+      merged_params=0 if initial is None else _merged_bytes(policy, state.params, mesh, merged=2, stacked=3,
+                                                            gradient=True))
   reference_bytes = per_device_bytes(frozen, sharding.param_shardings(frozen, mesh))
-  # The evaluation's models, stacked: counted in its phases only, since the train step's added-up parts (among
-  # them the optimizer update's copies, which XLA partly writes over the donated state) already exceed them.
-  evaluated = state_bytes("params") + reference_bytes + reward_bytes
+  # The policy and the reference, layer-stacked: counted in the evaluation's phases only, since the train step's
+  # added-up parts (among them the optimizer update's copies, which XLA partly writes over the donated state)
+  # already exceed them. Under LoRA the policy evaluated is the merged one, as are its copies.
+  evaluated = per_device_bytes(policy, sharding.param_shardings(policy, mesh)) + reference_bytes
+  if initial is not None:
+    reference_merged = getattr(ref_params, "reference_adapter", None) is not None
+    evaluated += _merged_bytes(policy, state.params, mesh, merged=1 + reference_merged, stacked=0, gradient=False)
   return MemoryEstimate(
       reference_params=reference_bytes,
       policy_params=state_bytes("params"),
@@ -426,6 +441,7 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
       steps={TRAIN_STEP: train,
              EVAL_SAMPLING: StepMemory(decoding_params=sampling_weights, kv_cache=kv_cache(eval_samples),
                                        stacked_params=evaluated),
+             # The reward model's weights, layer-stacked for its pass.
              EVAL_REWARD: StepMemory(decoding_params=reward_bytes, activations=reward_pass(eval_samples),
                                      stacked_params=evaluated),
              EVAL_KL: StepMemory(decoding_params=two_models, activations=passes(
@@ -433,28 +449,29 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
                                  stacked_params=evaluated)})
 
 
-def _merged_bytes(policy: Any, adapter: Any, mesh: Mesh) -> int:
+def _merged_bytes(policy: Any, adapter: Any, mesh: Mesh, merged: int, stacked: int, gradient: bool) -> int:
   """Bytes per device of a LoRA step's copies of the adapted kernels, which a full fine-tune reads from its
   arguments instead, in the dtype of `policy` (the merged policy: the compute dtype) unless said:
 
-  - the policy's and the anchor's merged kernels, held from the merge to the update and the anchor's log-probs;
-  - the layer-stacked copies (`transformer.stack_layers`) that the passes over the layers make of the three models'
-    kernels: the policy's, the anchor's and the reference's (the base's);
-  - the policy's gradient with respect to its kernels, in float32;
-  - where the compute dtype is narrower than float32, the merge's float32 results of the policy and the anchor
-    (`lora.merge` adds in float32), which XLA stacks before it casts them.
+  - `merged` models' merged kernels (the train step: the policy's and the anchor's, held from the merge to the
+    update and the anchor's log-probs; the evaluation: the policy's, and the reference's when it has an adapter);
+  - `stacked` layer-stacked copies (`transformer.stack_layers`) that the passes over the layers make of models'
+    kernels (the train step: the policy's, the anchor's and the reference's, the base's);
+  - with `gradient`, the policy's gradient with respect to its kernels, in float32;
+  - where the compute dtype is narrower than float32, each merged model's float32 merge results (`lora.merge` adds
+    in float32), which XLA stacks before it casts them.
 
-  Counted for every method: REINFORCE, which has no anchor, was measured to hold as much (XLA's plan on CPU,
-  float32). At Llama-3-8B's shapes (bfloat16, fsdp = 8) XLA's peak holds each of these (benchmarks/RESULTS.md,
-  "Memory estimate").
+  The train step's are counted for every method: REINFORCE, which has no anchor, was measured to hold as much
+  (XLA's plan on CPU, float32). At Llama-3-8B's shapes (bfloat16, fsdp = 8) XLA's peak holds each of these
+  (benchmarks/RESULTS.md, "Memory estimate").
   """
   adapted = {f"{module}/kernel" for module in traverse_util.flatten_dict(adapter, sep="/", is_leaf=lora.is_pair)}
   kernels = {path: leaf for path, leaf in traverse_util.flatten_dict(policy, sep="/").items() if path in adapted}
   in_float32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), kernels)
   shardings = sharding.param_shardings(kernels, mesh)
   narrower = any(jnp.dtype(x.dtype).itemsize < _FLOAT32_BYTES for x in jax.tree.leaves(kernels))
-  return (5 * per_device_bytes(kernels, shardings)
-          + (3 if narrower else 1) * per_device_bytes(in_float32, shardings))
+  return ((merged + stacked) * per_device_bytes(kernels, shardings)
+          + (gradient + (merged if narrower else 0)) * per_device_bytes(in_float32, shardings))
 
 
 class StepInputs(NamedTuple):
@@ -564,9 +581,12 @@ def check_fits(estimate: MemoryEstimate, limit: MemoryLimit) -> None:
   if estimate.total <= limit.bytes_per_device:
     return
   largest = max(estimate.parts().items(), key=lambda item: item[1])[0]
+  step_advice = ("raise config.memory.micro_batches or set config.memory.remat" if estimate.peak_step == TRAIN_STEP
+                 else "raise config.memory.inference_micro_batches, lower config.eval.num_policy_samples or "
+                 "config.eval.num_ref_samples")
   raise MemoryBudgetError(
       f"the run needs an estimated {estimate}, more than the {_gib(limit.bytes_per_device)} GiB per device "
-      f"available ({limit.source}); the largest part is {largest}. To fit, lower config.batch_size, "
+      f"available ({limit.source}); the largest part is {largest}. To fit, {step_advice}, lower config.batch_size, "
       f"config.sampling.max_new_tokens or config.data.prompt_len (or the samples per prompt), set "
       f"config.policy.dtype = 'bfloat16', or shard over more devices with a larger fsdp or tensor axis in "
       f"config.mesh_shape; if the detected limit is wrong, set config.memory_limit_gib.")

@@ -141,9 +141,7 @@ def param_partition_specs(params: Any, rules: Sequence[tuple[str, P]] = DEFAULT_
     >>> param_partition_specs(abstract)["layer_0"]["attn"]["q"]["kernel"]
     P('fsdp', 'tensor', None)
   """
-  axis_sizes = None if mesh is None else dict(mesh.shape)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: _rule_spec(_path_str(path), tuple(leaf.shape), rules, axis_sizes), params)
+  return _stored_specs(params, rules, None if mesh is None else dict(mesh.shape))
 
 
 def _rule_spec(name: str, shape: tuple[int, ...], rules: Sequence[tuple[str, P]],
@@ -199,13 +197,14 @@ def without_axis(spec: P, axis: str) -> P:
 
 
 def _context_mesh_sizes() -> dict[str, int] | None:
-  """Sizes of the axes of the mesh set with `jax.set_mesh` that XLA partitions (not those a `shard_map` around the
-  caller has made manual), or None when there is no such mesh (or those axes hold one device)."""
+  """Sizes of the axes of the mesh set with `jax.set_mesh` that XLA partitions (Auto: not those a `shard_map`
+  around the caller has made manual, nor Explicit ones, whose layouts are the arrays' own types), or None when there
+  is no such mesh (or those axes hold one device)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None
   sizes = {name: size for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
-           if kind != jax.sharding.AxisType.Manual}
+           if kind == jax.sharding.AxisType.Auto}
   return sizes if math.prod(sizes.values()) > 1 else None
 
 
@@ -307,7 +306,7 @@ def params_after(params: Any, value: Any, rules: Sequence[tuple[str, P]] = DEFAU
                        check_vma=False)(params, zero)
 
 
-def _stored_specs(params: Any, rules: Sequence[tuple[str, P]], sizes: dict[str, int]) -> Any:
+def _stored_specs(params: Any, rules: Sequence[tuple[str, P]], sizes: dict[str, int] | None) -> Any:
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: _rule_spec(_path_str(path), tuple(leaf.shape), rules, sizes), params)
 
@@ -317,7 +316,8 @@ def constrain_params(params: Any, rules: Sequence[tuple[str, P]] = DEFAULT_PARAM
 
   For parameters a step computes (`lora.merge`'s merged kernels): left to itself XLA may lay them out whole on
   every device (a LoRA product `A @ B` has both its axes sharded over `fsdp`, so no layout of the result follows
-  from its inputs'), where ZeRO-3 keeps them split and gathers one layer at a time. Unchanged without a mesh.
+  from its inputs'), where ZeRO-3 keeps them split and gathers one layer at a time. Unchanged without a mesh, or
+  on a mesh that has none of the axes `rules` name (another program's: its layouts are its own).
 
   Example:
     >>> from bond_jax.models import config as model_config_lib, transformer
@@ -328,7 +328,8 @@ def constrain_params(params: Any, rules: Sequence[tuple[str, P]] = DEFAULT_PARAM
     P('fsdp', 'tensor')
   """
   sizes = _context_mesh_sizes()
-  if sizes is None:
+  named = {name for _, spec in rules for entry in spec for name in _axis_names(entry)}
+  if sizes is None or not named & sizes.keys():
     return params
   return jax.lax.with_sharding_constraint(params, _stored_specs(params, rules, sizes))
 

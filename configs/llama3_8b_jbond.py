@@ -11,7 +11,7 @@ reference, an 8B reward model and AdamW's state. Prompts are rendered with the c
 It fits 8 devices of 80 GB: `python benchmarks/memory_at_scale.py --models llama3_8b` compiles its train and
 evaluation steps at these shapes and prints XLA's plan per device and the run's estimate (benchmarks/RESULTS.md).
 The settings that make it fit are marked "Fits:"; with them the run's own estimate
-(`memory_estimate.estimate_train_memory`, an upper bound on XLA's plan) is 76.6 GiB per device at the train step,
+(`memory_estimate.estimate_train_memory`, an upper bound on XLA's plan) is 76.9 GiB per device at the train step,
 of which 31.7 GiB are two models' decoding weights gathered whole in bfloat16 and a reward model's.
 """
 

@@ -13,9 +13,10 @@ merged copies of the adapted kernels for the policy and the anchor, the layer-st
 three models' kernels, and the policy's full-size kernel gradient (17.9 GiB per device over fsdp = 8 as the
 estimate counts them, with the merge's float32 results; data parallel would replicate them and cannot fit 80 GB).
 It fits 8 x 80 GB at batch 128 with the settings marked "Fits" below: `python benchmarks/memory_at_scale.py
---models llama3_8b_lora` compiles its train and evaluation steps from shapes alone; XLA plans 56.8 and 45.5 GiB per
-device (the full fine-tune of configs/llama3_8b_jbond.py: 73.9). The run's estimate, 59.7 GiB, bounds that plan
-(1.05x; benchmarks/RESULTS.md, "Memory estimate").
+--models llama3_8b_lora` compiles its train and evaluation steps from shapes alone; XLA plans 56.8 and 45.7 GiB per
+device (the evaluation's with the anchor and optimizer state it leaves on the devices; the full fine-tune of
+configs/llama3_8b_jbond.py: 73.9). The run's estimate, 59.4 GiB at the evaluation's sampling, bounds both (1.05x
+the larger; benchmarks/RESULTS.md, "Memory estimate per step").
 
 Settings from the paper where it has them (arXiv 2407.14622, section 5: beta 0.5, eta 0.02, 128 prompts per batch,
 100 warm-up steps); ours: LoRA's rank 64, alpha 128 and a learning rate of 5e-5 (adapters take a larger rate than

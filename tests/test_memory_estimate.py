@@ -1,7 +1,7 @@
 """The memory estimate against XLA's own accounting of the train and evaluation steps as the trainer compiles them,
 on data, fsdp, tensor and mixed meshes at real widths: the state parts equal the train step's arguments byte for
-byte, and the estimate bounds each step's whole footprint from above, within a band; the KV cache against its closed form;
-and a run that cannot fit stops before compiling, in one line from the run script."""
+byte, and the estimate bounds each step's whole footprint from above, within a band; the KV cache against its
+closed form; and a run that cannot fit stops before compiling, in one line from the run script."""
 
 import dataclasses
 import os
@@ -106,8 +106,8 @@ def test_state_parts_are_the_step_arguments_byte_for_byte(mesh_step):
 def test_estimate_bounds_what_xla_plans_for_the_train_and_evaluation_steps(mesh_step):
   case, _, _, steps = mesh_step
   estimate = steps.estimate
-  train = estimate.held + estimate.steps[memory_estimate.TRAIN_STEP].total
-  evaluation = estimate.held + max(estimate.steps[name].total for name in memory_estimate.STEP_NAMES[1:])
+  train = estimate.total_at(memory_estimate.TRAIN_STEP)
+  evaluation = estimate.total_at(*memory_estimate.EVAL_PHASES)
   assert train >= steps.planned_train and evaluation >= steps.planned_eval, (
       f"{case}: train {train} B against XLA's {steps.planned_train} B, evaluation {evaluation} B against "
       f"{steps.planned_eval} B")
@@ -132,7 +132,7 @@ def test_state_parts_on_one_device_and_sharded(policy, tiny_policy_dir):
                                                   sharding.make_mesh((1, 4, 2)))
   assert full / 8 <= sharded.policy_params < full / 2
   # Gathered over fsdp, still split over tensor.
-  assert sharded.steps[memory_estimate.EVAL_SAMPLING].decoding_params > 2 * sharded.policy_params
+  assert 2 * sharded.policy_params < sharded.steps[memory_estimate.EVAL_SAMPLING].decoding_params < 2 * full
 
 
 def test_kv_cache_is_each_steps_sampler_cache(policy, tiny_policy_dir):
@@ -182,13 +182,24 @@ def test_check_fits_names_the_total_the_limit_and_the_parts():
   with pytest.raises(memory_estimate.MemoryBudgetError) as error:
     memory_estimate.check_fits(estimate, memory_estimate.MemoryLimit(16 * 2 ** 30, "the device's own limit (H100)"))
   message = str(error.value)
-  assert "16.5 GiB per device at the train step" in message and "16 GiB per device available (the device's own limit (H100))" in message
+  assert "16.5 GiB per device at the train step" in message
+  assert "16 GiB per device available (the device's own limit (H100))" in message
   assert "optimizer state 2, " in message and "KV cache 0.5, activations 6 GiB" in message
   assert "the largest part is activations" in message
-  for advice in ("config.batch_size", "config.sampling.max_new_tokens", "bfloat16", "config.mesh_shape",
-                 "config.memory_limit_gib"):
+  for advice in ("config.memory.micro_batches", "config.batch_size", "config.sampling.max_new_tokens", "bfloat16",
+                 "config.mesh_shape", "config.memory_limit_gib"):
     assert advice in message
   assert "\n" not in message
+  # Where an evaluation phase is the peak, the message names it and what shrinks it.
+  evaluation = memory_estimate.StepMemory(decoding_params=2 ** 31, activations=2 ** 34)  # 18 GiB, above 11.5.
+  estimate = dataclasses.replace(estimate, steps={memory_estimate.TRAIN_STEP: train,
+                                                  memory_estimate.EVAL_KL: evaluation})
+  with pytest.raises(memory_estimate.MemoryBudgetError) as error:
+    memory_estimate.check_fits(estimate, memory_estimate.MemoryLimit(16 * 2 ** 30, "16 GiB"))
+  message = str(error.value)
+  assert "23 GiB per device at the evaluation's KL (" in message
+  assert "decoding parameters 2, activations 16 GiB" in message
+  assert "gradients" not in message and "config.memory.inference_micro_batches" in message
 
 
 def test_trainer_refuses_a_run_that_cannot_fit_before_compiling(tiny_policy_dir, prompt_data_dir, tmp_path):
