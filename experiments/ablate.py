@@ -37,6 +37,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The null reward: every generation scores 0, so nothing is learnt and every nat of KL is noise.
 NULL_REWARD = ("--config.reward.kind=python", "--config.reward.function=experiments.null_reward:zero")
 
+# Larger batches (prompts a step), each evaluated on the same first 128 of the 167 held-out prompts: as many whole
+# batches as make 128.
+BATCHES = {f"batch_{size}": (f"--config.batch_size={size}", f"--config.eval_batches={128 // size}")
+           for size in (64, 128)}
+
 # study -> (config, flags of every run, {variant: flags}); each variant changes one factor of the study's base (the
 # empty variant); a variant's flags come last and win.
 STUDIES = {
@@ -49,7 +54,7 @@ STUDIES = {
         "cosine": ("--config.optimizer.decay_steps=290",),
         "steps_400": ("--config.num_steps=400",),
         "steps_600": ("--config.num_steps=600",),
-        "batch_64": ("--config.batch_size=64", "--config.eval_batches=2"),  # 128 of the 167 held-out prompts.
+        **BATCHES,
         "eta_0.005": ("--config.anchor.eta=0.005",),
         "eta_0.05": ("--config.anchor.eta=0.05",),
         "beta_1": ("--config.jbond.beta=1.0",),
@@ -67,7 +72,7 @@ STUDIES = {
         "lr_1e-3": ("--config.optimizer.learning_rate=1e-3",),
         "cosine": ("--config.optimizer.decay_steps=190",),
         "steps_400": ("--config.num_steps=400",),
-        "batch_64": ("--config.batch_size=64", "--config.eval_batches=2"),
+        **BATCHES,
         "policy_4": ("--config.bond.num_policy_samples=4",),
         "k_32": ("--config.bond.num_anchor_samples=32",),
         "beta_1": ("--config.bond.beta=1.0",),
