@@ -409,9 +409,10 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   # Two models' decoding weights: a step samples from two (policy and anchor; evaluation: policy and reference),
   # and the first's stay live while the second's are gathered. XLA's CPU, whose collectives have no bfloat16,
   # gathers them in float32 (measured at Llama-3.2-3B's evaluation); the train step's added-up parts cover that.
-  two_models = 2 * gathered(config.policy.dtype)
+  one_model = gathered(config.policy.dtype)
+  two_models = 2 * one_model
   on_cpu = mesh.devices.flat[0].platform == "cpu"
-  sampling_weights = gathered(config.policy.dtype) + gathered(jnp.float32 if on_cpu else config.policy.dtype)
+  sampling_weights = one_model + (gathered(jnp.float32) if on_cpu else one_model)
   train = StepMemory(
       gradients=state_bytes("params") * (2 if config.memory.micro_batches > 1 else 1),
       optimizer_update=(state_bytes("params") + state_bytes("opt_state")
@@ -428,10 +429,11 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   # The policy and the reference, layer-stacked: counted in the evaluation's phases only, since the train step's
   # added-up parts (among them the optimizer update's copies, which XLA partly writes over the donated state)
   # already exceed them. Under LoRA the policy evaluated is the merged one, as are its copies.
-  evaluated = per_device_bytes(policy, sharding.param_shardings(policy, mesh)) + reference_bytes
-  if initial is not None:
-    reference_merged = getattr(ref_params, "reference_adapter", None) is not None
-    evaluated += _merged_bytes(policy, state.params, mesh, merged=1 + reference_merged, stacked=0, gradient=False)
+  reference_merged = getattr(ref_params, "reference_adapter", None) is not None
+  evaluation_phase = functools.partial(
+      StepMemory, stacked_params=per_device_bytes(policy, sharding.param_shardings(policy, mesh)) + reference_bytes,
+      merged_params=0 if initial is None else _merged_bytes(policy, state.params, mesh, merged=1 + reference_merged,
+                                                            stacked=0, gradient=False))
   return MemoryEstimate(
       reference_params=reference_bytes,
       policy_params=state_bytes("params"),
@@ -439,14 +441,11 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
       optimizer_state=state_bytes("opt_state"),
       reward_params=reward_bytes,
       steps={TRAIN_STEP: train,
-             EVAL_SAMPLING: StepMemory(decoding_params=sampling_weights, kv_cache=kv_cache(eval_samples),
-                                       stacked_params=evaluated),
+             EVAL_SAMPLING: evaluation_phase(decoding_params=sampling_weights, kv_cache=kv_cache(eval_samples)),
              # The reward model's weights, layer-stacked for its pass.
-             EVAL_REWARD: StepMemory(decoding_params=reward_bytes, activations=reward_pass(eval_samples),
-                                     stacked_params=evaluated),
-             EVAL_KL: StepMemory(decoding_params=two_models, activations=passes(
-                 inference_prompts, config.eval.num_policy_samples, backward=False, models=2),
-                                 stacked_params=evaluated)})
+             EVAL_REWARD: evaluation_phase(decoding_params=reward_bytes, activations=reward_pass(eval_samples)),
+             EVAL_KL: evaluation_phase(decoding_params=two_models, activations=passes(
+                 inference_prompts, config.eval.num_policy_samples, backward=False, models=2))})
 
 
 def _merged_bytes(policy: Any, adapter: Any, mesh: Mesh, merged: int, stacked: int, gradient: bool) -> int:
