@@ -42,6 +42,7 @@ import optax
 from bond_jax import algorithms
 from bond_jax import fine_tuning
 from bond_jax import lora
+from bond_jax import run_config
 from bond_jax import sampling
 from bond_jax import sharding
 from bond_jax import train_state as train_state_lib
@@ -342,7 +343,7 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
 
   The train state is built abstractly (`jax.eval_shape` of `train_state.create_train_state`) and sharded by
   `sharding.param_shardings`, as `trainer.sharded_train_state` does. Prompts per device are `batch_size / (data x
-  fsdp)`. Beside the held parts, the estimate takes the largest of:
+  fsdp)` in the train step and `run_config.eval_batch_size(config) / (data x fsdp)` in the evaluation. Beside the held parts, the estimate takes the largest of:
   - the train step: the gradient, the optimizer update, the decoding weights of two models and the reward model's,
     the sampler's KV cache for the policy and anchor samples (`algorithm.sample_counts()`) and the largest pass:
     the update's forward and backward over the policy samples and the Best-of-n anchor samples of one
@@ -393,6 +394,8 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   prompts_per_device = config.batch_size // _data_parallel_size(mesh)
   update_prompts = prompts_per_device // config.memory.micro_batches
   inference_prompts = prompts_per_device // config.memory.inference_micro_batches
+  eval_prompts = (run_config.eval_batch_size(config) // _data_parallel_size(mesh)
+                  // config.memory.inference_micro_batches)
   prompt_len, new_tokens = config.data.prompt_len, config.sampling.max_new_tokens
   num_policy, num_anchor = algorithm.sample_counts()
   train_samples = max(num_policy, num_anchor)
@@ -400,10 +403,10 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
   tensor = mesh.shape.get("tensor", 1)
   passes = functools.partial(activation_bytes, model_config, prompt_len=prompt_len, new_tokens=new_tokens,
                              tensor=tensor)
-  reward_pass = functools.partial(_reward_pass_bytes, reward_fn, inference_prompts, prompt_len=prompt_len,
-                                  new_tokens=new_tokens, tensor=tensor)
-  kv_cache = lambda samples: kv_cache_bytes(model_config, inference_prompts * samples,  # noqa: E731
-                                            prompt_len + new_tokens - 1, tensor)
+  reward_pass = functools.partial(_reward_pass_bytes, reward_fn, prompt_len=prompt_len, new_tokens=new_tokens,
+                                  tensor=tensor)
+  kv_cache = lambda prompts, samples: kv_cache_bytes(model_config, prompts * samples,  # noqa: E731
+                                                     prompt_len + new_tokens - 1, tensor)
   gathered = lambda dtype: fsdp_gathered_bytes(  # noqa: E731
       jax.eval_shape(lambda p: transformer.cast_weights(p, dtype), policy), mesh)
   # Two models' decoding weights: a step samples from two (policy and anchor; evaluation: policy and reference),
@@ -418,11 +421,11 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
       optimizer_update=(state_bytes("params") + state_bytes("opt_state")
                         + (state_bytes("anchor_params") if algorithm.anchor_moves else 0)),
       decoding_params=two_models + reward_bytes,
-      kv_cache=kv_cache(train_samples),
+      kv_cache=kv_cache(inference_prompts, train_samples),
       activations=max(passes(update_prompts, num_policy + algorithm.num_best_of_n(), backward=True,
                              remat=config.memory.remat),
                       passes(inference_prompts, num_policy, backward=False),
-                      reward_pass(train_samples)),
+                      reward_pass(inference_prompts, train_samples)),
       merged_params=0 if initial is None else _merged_bytes(policy, state.params, mesh, merged=2, stacked=3,
                                                             gradient=True))
   reference_bytes = per_device_bytes(frozen, sharding.param_shardings(frozen, mesh))
@@ -441,11 +444,13 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
       optimizer_state=state_bytes("opt_state"),
       reward_params=reward_bytes,
       steps={TRAIN_STEP: train,
-             EVAL_SAMPLING: evaluation_phase(decoding_params=sampling_weights, kv_cache=kv_cache(eval_samples)),
+             EVAL_SAMPLING: evaluation_phase(decoding_params=sampling_weights,
+                                             kv_cache=kv_cache(eval_prompts, eval_samples)),
              # The reward model's weights, layer-stacked for its pass.
-             EVAL_REWARD: evaluation_phase(decoding_params=reward_bytes, activations=reward_pass(eval_samples)),
+             EVAL_REWARD: evaluation_phase(decoding_params=reward_bytes,
+                                           activations=reward_pass(eval_prompts, eval_samples)),
              EVAL_KL: evaluation_phase(decoding_params=two_models, activations=passes(
-                 inference_prompts, config.eval.num_policy_samples, backward=False, models=2))})
+                 eval_prompts, config.eval.num_policy_samples, backward=False, models=2))})
 
 
 def _merged_bytes(policy: Any, adapter: Any, mesh: Mesh, merged: int, stacked: int, gradient: bool) -> int:

@@ -187,9 +187,11 @@ def load_prompts(config: ml_collections.ConfigDict, tokenizer, model_config: Mod
         data_dir=data.data_dir or os.fspath(paths.as_path(workdir) / "tfds"), text_key=data.text_key)
     if jax.process_index() == 0 and jax.process_count() > 1:
       multihost_utils.sync_global_devices("bond_jax: prompts prepared by process 0")
-  common = dict(tokenizer=tokenizer, batch_size=config.batch_size, prompt_len=data.prompt_len,
-                overlong=data.overlong, process_index=jax.process_index(), process_count=jax.process_count(),
+  common = dict(tokenizer=tokenizer, prompt_len=data.prompt_len, overlong=data.overlong,
+                process_index=jax.process_index(), process_count=jax.process_count(),
                 vocab_size=model_config.vocab_size)
-  train = prompt_batches.PromptIterator(train_texts, seed=config.seed, name="train", **common)
-  evaluation = prompt_batches.PromptIterator(eval_texts, shuffle=False, name="eval", **common)
+  train = prompt_batches.PromptIterator(train_texts, batch_size=config.batch_size, seed=config.seed, name="train",
+                                        **common)
+  evaluation = prompt_batches.PromptIterator(eval_texts, batch_size=run_config.eval_batch_size(config),
+                                             shuffle=False, name="eval", **common)
   return train, evaluation

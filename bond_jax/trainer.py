@@ -199,9 +199,9 @@ def compile_steps(config, model_config, reward_fn, optimizer, mesh, state, ref_p
   compiling again (tested).
   """
   batch_shardings = {"prompts": batch_sharding, "prompt_mask": batch_sharding}
-  abstract_batch = {key: jax.ShapeDtypeStruct((config.batch_size, config.data.prompt_len), dtype,
-                                              sharding=batch_sharding)
-                    for key, dtype in (("prompts", np.int32), ("prompt_mask", np.bool_))}
+  abstract_batch = lambda prompts: {  # noqa: E731
+      key: jax.ShapeDtypeStruct((prompts, config.data.prompt_len), dtype, sharding=batch_sharding)
+      for key, dtype in (("prompts", np.int32), ("prompt_mask", np.bool_))}
   compile_with_reward = functools.partial(_compile_with_reward, reward_fn=reward_fn, mesh=mesh)
   # Evaluation sees the models' parameters: the trained ones merged with the frozen base under LoRA.
   tuning = fine_tuning.from_config(config)
@@ -209,7 +209,8 @@ def compile_steps(config, model_config, reward_fn, optimizer, mesh, state, ref_p
   train = compile_with_reward(
       "train step", lambda reward: train_step_lib.make_train_step(config, model_config, reward, optimizer),
       in_shardings=(state_shardings, param_shardings, batch_shardings),
-      args=(state, ref_params, abstract_batch), out_shardings=(state_shardings, None), donate_argnums=1)
+      args=(state, ref_params, abstract_batch(config.batch_size)), out_shardings=(state_shardings, None),
+      donate_argnums=1)
   def evaluate_models(reward):
     evaluate_step = evaluation.make_eval_step(config, model_config, reward)
     return lambda params, frozen, *args: evaluate_step(tuning.policy(params, frozen), tuning.reference(frozen), *args)
@@ -217,7 +218,7 @@ def compile_steps(config, model_config, reward_fn, optimizer, mesh, state, ref_p
   # Per-prompt outputs, replicated: every host reads all of them (they are small).
   evaluate = compile_with_reward(
       "evaluation step", evaluate_models, in_shardings=(policy_shardings, param_shardings, batch_shardings, None),
-      args=(state.params, ref_params, abstract_batch, jax.random.PRNGKey(0)),
+      args=(state.params, ref_params, abstract_batch(run_config.eval_batch_size(config)), jax.random.PRNGKey(0)),
       out_shardings=NamedSharding(mesh, P()))
   if not config.exact.every:
     return CompiledSteps(train, evaluate, None)

@@ -37,10 +37,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The null reward: every generation scores 0, so nothing is learnt and every nat of KL is noise.
 NULL_REWARD = ("--config.reward.kind=python", "--config.reward.function=experiments.null_reward:zero")
 
-# Larger batches (prompts a step), each evaluated on the same first 128 of the 167 held-out prompts: as many whole
-# batches as make 128.
-BATCHES = {f"batch_{size}": (f"--config.batch_size={size}", f"--config.eval_batches={128 // size}")
-           for size in (64, 128)}
+# Larger batches (prompts a step), each evaluated on the same 10 batches of 16 held-out prompts as the base.
+BATCHES = {f"batch_{size}": (f"--config.batch_size={size}", "--config.eval.batch_size=16")
+           for size in (64, 128, 256, 512)}
 
 # study -> (config, flags of every run, {variant: flags}); each variant changes one factor of the study's base (the
 # empty variant); a variant's flags come last and win.

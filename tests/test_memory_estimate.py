@@ -155,6 +155,11 @@ def test_kv_cache_is_each_steps_sampler_cache(policy, tiny_policy_dir):
   config = tiny_run.tiny_config(tiny_policy_dir, **{"memory.inference_micro_batches": 2})
   estimate = memory_estimate.estimate_train_memory(config, model_config, ref_params, optimizer, mesh)
   assert kv_cache(estimate, memory_estimate.EVAL_SAMPLING) == 1 * 8 * slots * bytes_per_slot
+  # Evaluated in batches of 16 held-out prompts: 4 per device; the train step keeps its 2.
+  config = tiny_run.tiny_config(tiny_policy_dir, **{"eval.batch_size": 16})
+  estimate = memory_estimate.estimate_train_memory(config, model_config, ref_params, optimizer, mesh)
+  assert kv_cache(estimate, memory_estimate.EVAL_SAMPLING) == 4 * 8 * slots * bytes_per_slot
+  assert kv_cache(estimate, memory_estimate.TRAIN_STEP) == 2 * 2 * slots * bytes_per_slot
   bfloat16 = dataclasses.replace(model_config, dtype="bfloat16")
   assert memory_estimate.kv_cache_bytes(bfloat16, rows=3, slots=5) == 3 * 5 * (2 * 1 * 2 * 8 * 2 + 1)
 

@@ -118,6 +118,9 @@ def _config(**fields):
     ({"mesh_axes": ("data", "fsdp", "model")}, "mesh_axes", None),
     ({"batch_size": 6, "mesh_shape": (-1, 1, 1)}, "batch_size", 8),
     ({"batch_size": 6, "mesh_shape": (2, 2, 2)}, "batch_size", 8),  # data x fsdp = 4
+    ({"batch_size": 8, "eval__batch_size": 6, "mesh_shape": (-1, 1, 1)}, "eval.batch_size", 8),
+    ({"batch_size": 16, "eval__batch_size": 8, "memory__inference_micro_batches": 2}, "memory.inference_micro_batches",
+     8),  # one held-out prompt per device
     ({"algorithm": "bond", "bond__n": 8, "bond__num_anchor_samples": 4}, "bond.num_anchor_samples", None),
     ({"algorithm": "bond", "bond__num_policy_samples": 1}, "bond.num_policy_samples", None),
     ({"algorithm": "reinforce", "reinforce__num_samples": 1}, "reinforce.num_samples", None),
@@ -135,6 +138,7 @@ def test_bad_combinations_are_named(fields, field, num_devices):
 def test_good_mesh_and_batch_pass():
   run_config.validate(_config(batch_size=4, mesh_shape=(2, 2, 2)), num_devices=8)
   run_config.validate(_config(batch_size=8, mesh_shape=(-1, 1, 2)), num_devices=16)
+  run_config.validate(_config(batch_size=64, eval__batch_size=8), num_devices=8)
 
 
 @pytest.mark.parametrize("overrides,field", [

@@ -14,6 +14,7 @@ import pytest
 
 from bond_jax import sharding
 from bond_jax import trainer
+from bond_jax.data import prompt_sources
 from bond_jax.models import hf
 from bond_jax.tasks import default_assets
 from bond_jax.tasks import sentiment
@@ -147,7 +148,12 @@ def test_completions_file(full_run):
   config, workdir, _, _ = full_run
   with open(os.path.join(workdir, trainer.COMPLETIONS_FILE), encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]
-  assert len(rows) == config.eval_batches * config.batch_size  # One evaluation, at the end.
+  # One evaluation, at the end, of the first held-out prompts in order, in batches of eval.batch_size (not the
+  # training batch's size).
+  _, held_out = prompt_sources.load_prompt_splits("default", data_dir=config.data.data_dir)
+  expected = config.eval_batches * config.eval.batch_size
+  assert config.eval.batch_size != config.batch_size
+  assert [row["prompt"] for row in rows] == [held_out[i].decode() for i in range(expected)]
   assert {row["step"] for row in rows} == {config.num_steps}
   tokenizer = default_assets.load_tokenizer()
   checked = 0
