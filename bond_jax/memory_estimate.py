@@ -343,7 +343,8 @@ def estimate_train_memory(config: ml_collections.ConfigDict, model_config: Model
 
   The train state is built abstractly (`jax.eval_shape` of `train_state.create_train_state`) and sharded by
   `sharding.param_shardings`, as `trainer.sharded_train_state` does. Prompts per device are `batch_size / (data x
-  fsdp)` in the train step and `run_config.eval_batch_size(config) / (data x fsdp)` in the evaluation. Beside the held parts, the estimate takes the largest of:
+  fsdp)` in the train step and `run_config.eval_batch_size(config) / (data x fsdp)` in the evaluation. Beside the
+  held parts, the estimate takes the largest of:
   - the train step: the gradient, the optimizer update, the decoding weights of two models and the reward model's,
     the sampler's KV cache for the policy and anchor samples (`algorithm.sample_counts()`) and the largest pass:
     the update's forward and backward over the policy samples and the Best-of-n anchor samples of one

@@ -376,22 +376,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   if config.data.source == "tfds" and not config.data.tfds_name:
     _fail("data.tfds_name", config.data.tfds_name, "a registered TFDS name when data.source is 'tfds'")
 
+  if num_devices is None:
+    return
   sizes = dict(zip(config.mesh_axes, mesh_shape))
   data_parallel = sizes["data"] * sizes["fsdp"]
-  if num_devices is not None and config.batch_size % data_parallel:
-    _fail("batch_size", config.batch_size,
-          f"a multiple of the mesh's data x fsdp size ({data_parallel}) so prompts shard evenly")
-  if num_devices is not None and config.eval.batch_size % data_parallel:
-    _fail("eval.batch_size", config.eval.batch_size,
-          f"0 or a multiple of the mesh's data x fsdp size ({data_parallel}) so prompts shard evenly")
-  per_device = config.batch_size // data_parallel
-  for field in ("micro_batches", "inference_micro_batches"):
-    if num_devices is not None and per_device % config.memory[field]:
-      _fail(f"memory.{field}", config.memory[field],
-            f"a divisor of the prompts per device, batch_size / (data x fsdp) = {per_device}, so that every "
-            "micro-batch spans every device")
-  eval_per_device = eval_batch_size(config) // data_parallel
-  if num_devices is not None and eval_per_device % config.memory.inference_micro_batches:
-    _fail("memory.inference_micro_batches", config.memory.inference_micro_batches,
-          f"a divisor of the held-out prompts per device, eval.batch_size / (data x fsdp) = {eval_per_device}, "
-          "so that every micro-batch spans every device")
+  # The train step's prompts are split into update and inference micro-batches, the evaluation's into inference ones.
+  batches = {"batch_size": (config.batch_size, ("micro_batches", "inference_micro_batches")),
+             "eval.batch_size": (eval_batch_size(config), ("inference_micro_batches",))}
+  for name, (prompts, micro_batch_fields) in batches.items():
+    if prompts % data_parallel:
+      _fail(name, _get(config, name),
+            f"a multiple of the mesh's data x fsdp size ({data_parallel}) so prompts shard evenly")
+    per_device = prompts // data_parallel
+    for field in micro_batch_fields:
+      if per_device % config.memory[field]:
+        _fail(f"memory.{field}", config.memory[field],
+              f"a divisor of the prompts per device, {name} / (data x fsdp) = {per_device}, so that every "
+              "micro-batch spans every device")

@@ -5,11 +5,11 @@ r"""Evaluates a finished run's policy on its held-out or its training prompts, w
 
 The policy is the run's exported `policy/` (`trainer.EXPORT_DIR`), the reference the config's. Each split is read
 from its start (training prompts in the order of `config.seed`'s first epoch), `config.eval_batches` batches of
-`config.eval.batch_size` (0: `config.batch_size`), with the evaluation's random stream: on `--split=heldout` it reproduces the run's final
-evaluation. Prints the means with standard errors over prompts, the distance to the Best-of-N frontier, and the
-spread over prompts of each prompt's gap to its own frontier at its own KL: whether the policy trails Best-of-N on
-prompts it trained on as on unseen ones, and on every prompt or on a few (README, "Against the Best-of-N
-frontier").
+`run_config.eval_batch_size(config)` prompts, with the evaluation's random stream: on `--split=heldout` it
+reproduces the run's final evaluation. Prints the means with standard errors over prompts, the distance to the
+Best-of-N frontier, and the spread over prompts of each prompt's gap to its own frontier at its own KL: whether the
+policy trails Best-of-N on prompts it trained on as on unseen ones, and on every prompt or on a few (README,
+"Against the Best-of-N frontier").
 """
 
 import json
