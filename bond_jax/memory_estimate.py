@@ -587,8 +587,8 @@ def check_fits(estimate: MemoryEstimate, limit: MemoryLimit) -> None:
     return
   largest = max(estimate.parts().items(), key=lambda item: item[1])[0]
   step_advice = ("raise config.memory.micro_batches or set config.memory.remat" if estimate.peak_step == TRAIN_STEP
-                 else "raise config.memory.inference_micro_batches, lower config.eval.num_policy_samples or "
-                 "config.eval.num_ref_samples")
+                 else "raise config.memory.inference_micro_batches, lower config.eval.batch_size, "
+                 "config.eval.num_policy_samples or config.eval.num_ref_samples")
   raise MemoryBudgetError(
       f"the run needs an estimated {estimate}, more than the {_gib(limit.bytes_per_device)} GiB per device "
       f"available ({limit.source}); the largest part is {largest}. To fit, {step_advice}, lower config.batch_size, "

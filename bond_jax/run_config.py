@@ -134,7 +134,8 @@ def base_config() -> ml_collections.ConfigDict:
   # (one optimizer update per step; the loss, its baseline and metrics over the whole batch). It costs one more
   # forward pass. Must divide the prompts per device, batch_size / (data x fsdp).
   c.memory.inference_micro_batches = 1  # Parts of the prompts that sampling, rewards, the anchor's and the
-  # reference's log-probabilities and evaluation run one after the other. Must divide the prompts per device.
+  # reference's log-probabilities and evaluation run one after the other. Must divide the prompts per device of both
+  # the train step and the evaluation (batch_size and eval.batch_size over data x fsdp).
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 3e-4  # Peak AdamW learning rate (the paper: 3e-6 at Gemma scale).
@@ -171,7 +172,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.exact = ml_collections.ConfigDict()
   # Steps between exact KLs over every generation (0: off), on the distinct prompts of the first held-out batch
-  # (`exact_evaluation`). Needs an enumerable space: no stop token, vocab_size ** max_new_tokens <= 65536.
+  # (`eval_batch_size(config)` prompts; `exact_evaluation`). Needs an enumerable space: no stop token,
+  # vocab_size ** max_new_tokens <= 65536.
   c.exact.every = 0
   c.exact.bon_ns = ()  # Best-of-N sizes of the reference with their own exact KLs (e.g. 2, 4, 8, 16 for iterative).
 

@@ -35,13 +35,15 @@ PERCENTILES = (10, 25, 50, 75, 90)
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
-  from bond_jax import evaluation, run_components, trainer  # pylint: disable=g-import-not-at-top
+  from bond_jax import evaluation, run_components, run_config, trainer  # pylint: disable=g-import-not-at-top
   from bond_jax.models import hf  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   ref_params, model_config, tokenizer = run_components.load_policy(config)
   params, _ = hf.load_checkpoint(os.path.join(_WORKDIR.value, trainer.EXPORT_DIR))
   reward_fn = run_components.load_reward(config, tokenizer)
+  # Both splits in the evaluation's batches: the train split's iterator takes its size from config.batch_size.
+  config.batch_size = run_config.eval_batch_size(config)
   train_prompts, eval_prompts = run_components.load_prompts(config, tokenizer, model_config, _WORKDIR.value)
   prompts = train_prompts if _SPLIT.value == "train" else eval_prompts
   evaluate = jax.jit(evaluation.make_eval_step(config, model_config, reward_fn))

@@ -205,6 +205,7 @@ def test_check_fits_names_the_total_the_limit_and_the_parts():
   assert "23 GiB per device at the evaluation's KL (" in message
   assert "decoding parameters 2, activations 16 GiB" in message
   assert "gradients" not in message and "config.memory.inference_micro_batches" in message
+  assert "config.eval.batch_size" in message
 
 
 def test_trainer_refuses_a_run_that_cannot_fit_before_compiling(tiny_policy_dir, prompt_data_dir, tmp_path):
